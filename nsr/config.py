@@ -1,0 +1,276 @@
+"""Configuration: one schema; a YAML file sets the defaults and the command line overrides them.
+
+    cfg = parse_args(["--config", "configs/mlp4.yaml", "--lr", "0.05"])
+
+Every key is a YAML key and a flag (`batch_size` <-> `--batch-size`). Unknown keys, wrong types
+and bad values raise UserError with one line that names the key and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+_TRUE = {"true", "yes", "1", "on"}
+_FALSE = {"false", "no", "0", "off"}
+
+
+@dataclass
+class Config:
+    # what to train
+    model: str = "mlp4"
+    dataset: str = "mnist"
+    data_dir: str = "./data"
+    val_size: int | None = None         # None: 10,000 for MNIST-sized sets, 20 % for digits
+    # optimisation
+    epochs: int = 100
+    batch_size: int = 100
+    eval_batch_size: int = 1000
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    scheduler: str = "none"             # none | multistep | cosine
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+    augment: str = "none"               # none | crop_flip | crop_flip_cutout | imagenet
+    cutout: int = 16
+    # NSR
+    nsr: bool = True
+    nsr_layers: list[str] = field(default_factory=lambda: ["out"])
+    lambda_: list[float] = field(default_factory=lambda: [7.4865])
+    queue_batches: int = 5
+    active_only: bool = False
+    per_channel: bool = False
+    # run
+    seed: int = 0
+    out: str = ""                       # empty: runs/<model>-<dataset>-<nsr|vanilla>-s<seed>
+    device: str = "auto"                # auto | cpu | cuda | cuda:N
+    amp: str = "auto"                   # auto (bf16 on CUDA) | bf16 | fp16 | off
+    channels_last: str = "auto"         # auto (on for CNNs on CUDA) | on | off
+    workers: int = 8
+    fake_size: int = 512                # training samples of the `fake` data set
+    max_steps: int | None = None        # stop after this many optimizer steps (smoke tests)
+    resume: bool = False
+    overwrite: bool = False
+    quiet: bool = False
+
+
+# Keys whose YAML/flag name differs from the attribute ("lambda" is a Python keyword).
+_ATTR = {"lambda": "lambda_"}
+_KEY = {v: k for k, v in _ATTR.items()}
+# Keys that describe one invocation, not the experiment: allowed on the command line only.
+CLI_ONLY = {"resume", "overwrite", "quiet"}
+
+CHOICES = {
+    "optimizer": ["sgd", "adam", "adamw"],
+    "scheduler": ["none", "multistep", "cosine"],
+    "augment": ["none", "crop_flip", "crop_flip_cutout", "imagenet"],
+    "amp": ["auto", "bf16", "fp16", "off"],
+    "channels_last": ["auto", "on", "off"],
+}
+HELP = {
+    "config": "YAML file whose keys set the defaults below",
+    "model": "mlp3 | mlp4 | mlp6 | mlp8 | mlp10 | resnet18 | vgg19 | resnet50",
+    "dataset": "mnist | fashion-mnist | digits | fake | cifar10 | imagenet",
+    "data_dir": "where the data set is, or is downloaded to",
+    "val_size": "validation samples cut from the training set (seeded)",
+    "lambda": "NSR weight, one value per NSR layer (or one for all)",
+    "nsr_layers": "module names to regularize, from model.named_modules()",
+    "queue_batches": "K: recent batches that estimate the class means",
+    "nsr": "use NSR (--no-nsr trains the vanilla model)",
+    "max_steps": "stop after N optimizer steps (smoke tests)",
+    "resume": "continue from OUT/last.pt",
+    "overwrite": "replace a finished run in OUT",
+    "quiet": "no progress bars",
+}
+
+
+def key_names() -> list[str]:
+    return [_KEY.get(f.name, f.name) for f in fields(Config)]
+
+
+def _field_types() -> dict[str, Any]:
+    defaults = Config()
+    return {_KEY.get(f.name, f.name): (f.type, getattr(defaults, f.name)) for f in fields(Config)}
+
+
+def _closest(name: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    return f"; did you mean {match[0]!r}?" if match else f"; valid keys: {', '.join(valid)}"
+
+
+def _coerce(key: str, value: Any, type_str: str, source: str) -> Any:
+    """Turn a YAML value or a command-line string into the key's type, or raise UserError."""
+    optional = "None" in type_str
+    if value is None or (isinstance(value, str) and value.lower() in {"none", "null"} and optional):
+        if optional:
+            return None
+        raise UserError(f"{source}: {key} must not be empty")
+    try:
+        if type_str.startswith("list"):
+            item = float if "float" in type_str else int if "int" in type_str else str
+            items = value if isinstance(value, list) else [value]
+            if isinstance(value, str) and "," in value:
+                items = [v for v in value.split(",") if v.strip()]
+            return [_scalar(item, v) for v in items]
+        base = type_str.replace(" | None", "")
+        return _scalar({"int": int, "float": float, "bool": bool, "str": str}[base], value)
+    except (TypeError, ValueError):
+        kind = type_str.replace(" | None", " or null").replace("list[", "list of ").rstrip("]")
+        raise UserError(f"{source}: {key} expects {kind}, got {value!r}") from None
+
+
+def _scalar(kind, value):
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise ValueError(value)
+    if kind is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(value)
+        return int(value)
+    if kind is float:
+        if isinstance(value, bool):
+            raise ValueError(value)
+        return float(value)
+    if isinstance(value, (dict, list)):
+        raise ValueError(value)
+    return str(value)
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path!r} not found; pass an existing YAML file to --config")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise UserError(f"config file {path!r} is not valid YAML{line}: "
+                        f"{getattr(e, 'problem', None) or e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path!r} must hold a mapping of keys to values, "
+                        f"got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(cfg: Config, values: dict[str, Any], source: str) -> Config:
+    """Set keys on cfg, checking names and types; `source` says where they came from."""
+    types = _field_types()
+    valid = [k for k in types if k not in CLI_ONLY or source == "command line"]
+    for key, value in values.items():
+        key = str(key).replace("-", "_") if str(key) != "lambda" else "lambda"
+        if key in CLI_ONLY and key not in valid:
+            raise UserError(f"{source}: {key!r} is a command-line option only (--{key}); remove it")
+        if key not in valid:
+            raise UserError(f"{source}: unknown key {key!r}{_closest(key, valid)}")
+        setattr(cfg, _ATTR.get(key, key), _coerce(key, value, types[key][0], source))
+    return cfg
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors become one-line UserErrors that name the closest flag."""
+
+    def error(self, message):
+        if "unrecognized arguments" in message:
+            flag = message.split(":", 1)[1].split()[0]
+            options = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+            match = difflib.get_close_matches(flag.split("=")[0], options, n=1, cutoff=0.5)
+            hint = f"; did you mean {match[0]}?" if match else "; see --help"
+            raise UserError(f"unknown option {flag}{hint}")
+        raise UserError(message)
+
+
+def build_parser(description: str = "") -> argparse.ArgumentParser:
+    parser = _Parser(description=description, allow_abbrev=False, argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", help=HELP["config"])
+    for key, (type_str, default) in _field_types().items():
+        flag = "--" + key.replace("_", "-")
+        helptext = HELP.get(key, "") + (f" (default {default})" if key not in CLI_ONLY else "")
+        if type_str == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=helptext)
+        elif type_str.startswith("list"):
+            parser.add_argument(flag, nargs="+", metavar=key.upper(), help=helptext)
+        else:
+            parser.add_argument(flag, metavar=key.upper(), choices=CHOICES.get(key), help=helptext)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None, default_config: str | None = None,
+               defaults: dict[str, Any] | None = None, description: str = "") -> Config:
+    """Config from (schema defaults) < `defaults` < YAML file < command line."""
+    args = vars(build_parser(description).parse_args(argv))
+    cfg = Config()
+    if defaults:
+        apply_overrides(cfg, defaults, "script defaults")
+    config_path = args.pop("config", default_config)
+    if config_path:
+        apply_overrides(cfg, load_yaml(config_path), f"config {config_path}")
+    apply_overrides(cfg, args, "command line")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need several keys or value ranges; each failure is one actionable line."""
+    from models import MODELS  # models/ is plain torch; the engine may import it
+
+    if cfg.model not in MODELS:
+        raise UserError(f"unknown model {cfg.model!r}{_closest(cfg.model, list(MODELS))}")
+    from .data import DATASETS
+    if cfg.dataset not in DATASETS:
+        raise UserError(f"unknown dataset {cfg.dataset!r}{_closest(cfg.dataset, list(DATASETS))}")
+    for key in ("epochs", "batch_size", "eval_batch_size", "queue_batches", "fake_size"):
+        if getattr(cfg, key) < 1:
+            raise UserError(f"{key} must be at least 1, got {getattr(cfg, key)}")
+    for key in ("max_steps",):
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
+            raise UserError(f"{key} must be at least 1, got {getattr(cfg, key)}")
+    if cfg.val_size is not None and cfg.val_size < 1:
+        raise UserError(f"val_size must be at least 1, got {cfg.val_size}")
+    if cfg.workers < 0:
+        raise UserError(f"workers must be >= 0, got {cfg.workers}")
+    for key in ("lr", "momentum", "weight_decay", "gamma"):
+        value = getattr(cfg, key)
+        if not math.isfinite(value) or value < 0:
+            raise UserError(f"{key} must be a finite number >= 0, got {value}")
+    for key, choices in CHOICES.items():
+        if getattr(cfg, key) not in choices:
+            raise UserError(f"{key} must be one of {', '.join(choices)}, got {getattr(cfg, key)!r}")
+    if cfg.nsr:
+        if not cfg.nsr_layers:
+            raise UserError("nsr is on but nsr_layers is empty; name a layer (e.g. --nsr-layers out) "
+                            "or train vanilla with --no-nsr")
+        for lam in cfg.lambda_:
+            if not math.isfinite(lam) or lam < 0:
+                raise UserError(f"lambda must be finite and >= 0, got {lam}")
+        if len(cfg.lambda_) == 1 and len(cfg.nsr_layers) > 1:
+            cfg.lambda_ = cfg.lambda_ * len(cfg.nsr_layers)
+        if len(cfg.lambda_) != len(cfg.nsr_layers):
+            raise UserError(f"got {len(cfg.lambda_)} lambda values for {len(cfg.nsr_layers)} NSR layers "
+                            f"({', '.join(cfg.nsr_layers)}); give one value per layer or a single value")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as YAML/JSON keys (`lambda`, not `lambda_`)."""
+    return {_KEY.get(k, k): v for k, v in asdict(cfg).items()}
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    return apply_overrides(Config(), {k: v for k, v in values.items() if k not in CLI_ONLY},
+                           "checkpoint config")
