@@ -58,6 +58,7 @@ class Config:
     amp: str = "auto"                   # auto (bf16 on CUDA) | bf16 | fp16 | off
     channels_last: str = "auto"         # auto (on for CNNs on CUDA) | on | off
     workers: int = 8
+    threads: int = 0                    # CPU threads; 0: 1 for MLPs (small matmuls), torch's default else
     fake_size: int = 512                # training samples of the `fake` data set
     max_steps: int | None = None        # stop after this many optimizer steps (smoke tests)
     resume: bool = False
@@ -243,6 +244,8 @@ def validate(cfg: Config) -> None:
             raise UserError(f"{key} must be at least 1, got {getattr(cfg, key)}")
     if cfg.val_size is not None and cfg.val_size < 1:
         raise UserError(f"val_size must be at least 1, got {cfg.val_size}")
+    if cfg.threads < 0:
+        raise UserError(f"threads must be >= 0 (0 picks automatically), got {cfg.threads}")
     if cfg.workers < 0:
         raise UserError(f"workers must be >= 0, got {cfg.workers}")
     for key in ("lr", "momentum", "weight_decay", "gamma"):

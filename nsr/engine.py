@@ -84,6 +84,17 @@ def setup_runtime(cfg: Config) -> Runtime:
     return Runtime(device)
 
 
+def set_cpu_threads(cfg: Config, device: torch.device) -> None:
+    from models import is_mlp
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    elif device.type == "cpu" and is_mlp(cfg.model):
+        # An MLP's matrices are too small to split: one thread is faster, and far faster when
+        # other processes compete for the cores (OpenMP threads then wait on each other).
+        torch.set_num_threads(1)
+
+
 def default_out(cfg: Config) -> str:
     kind = "nsr" if cfg.nsr else "vanilla"
     return os.path.join("runs", f"{cfg.model}-{cfg.dataset}-{kind}-s{cfg.seed}")
@@ -192,6 +203,7 @@ class Position:
 class Trainer:
     def __init__(self, cfg: Config, rt: Runtime):
         self.cfg, self.rt = cfg, rt
+        set_cpu_threads(cfg, rt.device)
         torch.manual_seed(cfg.seed)
         self.data = load_data(cfg, rt.device, rt.rank, rt.world)
         from models import build_model, is_mlp
