@@ -323,7 +323,7 @@ def load_data(cfg, device: torch.device, rank: int = 0, world: int = 1) -> Data:
     from models import is_mlp
 
     mean, std = _normalisation(cfg)
-    to_x = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+    to_x = lambda a: torch.from_numpy(np.array(a, copy=True)).to(device)  # noqa: E731
     to_y = lambda a: torch.from_numpy(np.asarray(a, dtype=np.int64)).to(device)  # noqa: E731
     x_all, y_all = to_x(train_x), to_y(train_y)
     x_test, y_test = to_x(test_x), to_y(test_y)

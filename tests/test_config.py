@@ -1,0 +1,91 @@
+"""YAML sets the defaults, the command line overrides them, mistakes name the fix."""
+
+import os
+
+import pytest
+
+from nsr.config import Config, parse_args, to_dict
+from nsr.errors import UserError
+from tests.conftest import ROOT
+
+
+def write(tmp_path, text, name="c.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_paper_configs_hold_the_paper_lambdas():
+    expected = {"mlp3": 0.02475, "mlp4": 7.4865, "mlp6": 0.0538, "mlp8": 0.2542, "mlp10": 0.4158}
+    for model, lam in expected.items():
+        cfg = parse_args([], default_config=os.path.join(ROOT, "configs", f"{model}.yaml"))
+        assert (cfg.model, cfg.lambda_, cfg.nsr_layers, cfg.queue_batches) == (model, [lam], ["out"], 5)
+        assert (cfg.lr, cfg.momentum, cfg.batch_size, cfg.epochs) == (0.01, 0.0, 100, 100)
+        assert cfg.val_size is None and cfg.dataset == "mnist"
+
+
+def test_cnn_configs():
+    r18 = parse_args([], default_config=os.path.join(ROOT, "configs", "resnet18_cifar10.yaml"))
+    assert (r18.lr, r18.momentum, r18.nesterov, r18.weight_decay, r18.batch_size) == (0.1, 0.9, True, 5e-4, 128)
+    assert (r18.epochs, r18.milestones, r18.gamma, r18.augment, r18.cutout) == (200, [60, 120, 160], 0.2,
+                                                                                 "crop_flip_cutout", 16)
+    assert (r18.lambda_, r18.queue_batches, r18.nsr_layers) == ([0.5], 1, ["fc"])
+    vgg = parse_args([], default_config=os.path.join(ROOT, "configs", "vgg19_cifar10.yaml"))
+    assert vgg.lambda_ == [0.11] and vgg.model == "vgg19"
+    r50 = parse_args([], default_config=os.path.join(ROOT, "configs", "resnet50_imagenet.yaml"))
+    assert (r50.lr, r50.weight_decay, r50.batch_size, r50.epochs, r50.milestones) == (0.1, 1e-4, 256, 90, [30, 60])
+
+
+def test_command_line_overrides_yaml_which_overrides_defaults(tmp_path):
+    path = write(tmp_path, "lr: 0.5\nepochs: 7\nlambda: [1.5]\n")
+    cfg = parse_args(["--config", path, "--epochs", "3", "--lambda", "2.5"], defaults={"lr": 0.2, "seed": 4})
+    assert (cfg.lr, cfg.epochs, cfg.lambda_, cfg.seed) == (0.5, 3, [2.5], 4)
+    assert Config().lr == 0.01
+    cfg = parse_args(["--config", path, "--no-nsr", "--nsr-layers", "fc1", "out", "--lambda", "1", "2"])
+    assert cfg.nsr is False and cfg.nsr_layers == ["fc1", "out"] and cfg.lambda_ == [1.0, 2.0]
+
+
+def test_one_lambda_is_shared_by_all_layers():
+    cfg = parse_args(["--nsr-layers", "fc1", "fc2", "--lambda", "0.3"])
+    assert cfg.lambda_ == [0.3, 0.3]
+
+
+def test_to_dict_uses_the_yaml_names():
+    d = to_dict(parse_args(["--lambda", "0.3"]))
+    assert d["lambda"] == [0.3] and "lambda_" not in d
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lamda", "3"], r"unknown option --lamda; did you mean --lambda\?"),
+    (["--batchsize", "3"], r"did you mean --batch-size\?"),
+    (["--lr", "fast"], r"lr expects float, got 'fast'"),
+    (["--epochs", "2.5"], r"epochs expects int"),
+    (["--lambda", "-1"], r"lambda must be finite and >= 0, got -1.0"),
+    (["--lambda", "nan"], r"lambda must be finite and >= 0, got nan"),
+    (["--lambda", "inf"], r"lambda must be finite and >= 0, got inf"),
+    (["--nsr-layers", "fc1", "fc2", "out", "--lambda", "1", "2"], r"got 2 lambda values for 3 NSR layers"),
+    (["--model", "mlp5"], r"unknown model 'mlp5'; did you mean 'mlp\d'\?"),
+    (["--dataset", "fashion_mnist"], r"unknown dataset 'fashion_mnist'; did you mean 'fashion-mnist'\?"),
+    (["--batch-size", "0"], r"batch_size must be at least 1"),
+    (["--optimizer", "sgdd"], r"invalid choice: 'sgdd'"),
+])
+def test_bad_command_line_is_one_clear_error(argv, message):
+    with pytest.raises(UserError, match=message):
+        parse_args(argv)
+
+
+def test_bad_yaml_keys_and_types(tmp_path):
+    with pytest.raises(UserError, match=r"unknown key 'learning_rate'|unknown key 'lrr'; did you mean 'lr'\?"):
+        parse_args(["--config", write(tmp_path, "lrr: 0.1\n")])
+    with pytest.raises(UserError, match=r"batch_size expects int, got 'big'"):
+        parse_args(["--config", write(tmp_path, "batch_size: big\n")])
+    with pytest.raises(UserError, match=r"nesterov expects bool, got 3"):
+        parse_args(["--config", write(tmp_path, "nesterov: 3\n")])
+    with pytest.raises(UserError, match=r"'resume' is a command-line option only"):
+        parse_args(["--config", write(tmp_path, "resume: true\n")])
+    with pytest.raises(UserError, match=r"is not valid YAML at line \d"):
+        parse_args(["--config", write(tmp_path, "lr: 0.1\nepochs: [1, 2\n")])
+    with pytest.raises(UserError, match=r"must hold a mapping"):
+        parse_args(["--config", write(tmp_path, "- 1\n- 2\n")])
+    with pytest.raises(UserError, match=r"config file '.*nope.yaml' not found"):
+        parse_args(["--config", str(tmp_path / "nope.yaml")])
