@@ -1,0 +1,96 @@
+"""The training engine end to end on digits (no download): outputs, protocol, resume."""
+
+import csv
+import json
+import os
+
+import pytest
+import torch
+import yaml
+
+from nsr.checkpoint import load_checkpoint
+from nsr.config import parse_args
+from nsr.engine import train
+from models import build_model
+
+TIMES = {"epoch_time_s", "train_time_s"}
+FAST = ["--dataset", "digits", "--batch-size", "32", "--lr", "0.05", "--momentum", "0.9", "--quiet"]
+
+
+def without_times(history):
+    return [{k: v for k, v in row.items() if k not in TIMES} for row in history]
+
+
+@pytest.mark.parametrize("script_name, nsr", [("fdnn_vanilla.py", False), ("fdnn_nsr.py", True)])
+def test_scripts_learn_digits_and_write_every_output(tmp_path, script, script_name, nsr):
+    out = tmp_path / "run"
+    proc = script(script_name, *FAST, "--epochs", "3", "--out", str(out))
+    assert "test error" in proc.stdout
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("model", "dataset", "seed", "lambda", "epochs", "num_params", "best_epoch", "best_val_acc",
+                "test_acc", "test_error", "train_time_s", "history"):
+        assert key in m, key
+    assert (m["model"], m["dataset"], m["epochs"], m["finished"], m["nsr"]) == ("mlp4", "digits", 3, True, nsr)
+    assert m["num_params"] == (64 * 256 + 256) + (256 * 100 + 100) + (100 * 10 + 10)
+    assert m["test_acc"] > 60, "far above the 10 % of chance after 3 epochs"
+    assert abs(m["test_error"] - (100 - m["test_acc"])) < 1e-9
+    assert m["lambda"] == ([7.4865] if nsr else [])
+    assert len(m["history"]) == 3
+    for row in m["history"]:
+        assert set(row) >= {"train_loss", "ce_loss", "nsr_loss", "train_acc", "val_acc", "lr", "epoch_time_s"}
+        assert abs(row["train_loss"] - row["ce_loss"] - row["nsr_loss"]) < 1e-6
+        assert (row["nsr_loss"] > 0) == nsr
+    with open(out / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["val_acc"]) for r in rows] == [r["val_acc"] for r in m["history"]]
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["nsr"] is nsr and saved["dataset"] == "digits"
+    assert {"last.pt", "best.pt"} <= set(os.listdir(out))
+
+
+def test_reported_test_accuracy_is_the_one_at_the_best_validation_epoch(tmp_path):
+    out = tmp_path / "run"
+    m = train(parse_args([*FAST, "--epochs", "4", "--out", str(out)]))
+    vals = [r["val_acc"] for r in m["history"]]
+    assert m["best_epoch"] == vals.index(max(vals)) + 1 and m["best_val_acc"] == max(vals)
+    # Re-evaluate best.pt on the test set independently of the engine.
+    state = load_checkpoint(str(out / "best.pt"))
+    assert state["position"]["epoch"] == m["best_epoch"]
+    model = build_model("mlp4", 10, (1, 8, 8))
+    model.load_state_dict(state["model"])
+    from sklearn.datasets import load_digits
+    import numpy as np
+
+    d = load_digits()
+    test = np.random.default_rng(12345).permutation(len(d.images))[:360]
+    x = torch.from_numpy(np.round(d.images[test] * (255 / 16)).astype(np.uint8)).float().div(255)[:, None]
+    acc = (model.eval()(x).argmax(1) == torch.from_numpy(d.target[test])).double().mean().item() * 100
+    assert abs(acc - m["test_acc"]) < 1e-9
+
+
+def test_resume_gives_identical_history(tmp_path):
+    straight = train(parse_args([*FAST, "--epochs", "4", "--out", str(tmp_path / "a")]))
+    train(parse_args([*FAST, "--epochs", "2", "--out", str(tmp_path / "b")]))
+    resumed = train(parse_args([*FAST, "--epochs", "4", "--out", str(tmp_path / "b"), "--resume"]))
+    assert without_times(resumed["history"]) == without_times(straight["history"])
+    assert resumed["test_acc"] == straight["test_acc"]
+    a = load_checkpoint(str(tmp_path / "a" / "last.pt"))
+    b = load_checkpoint(str(tmp_path / "b" / "last.pt"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["nsr"][k], b["nsr"][k]) for k in a["nsr"])
+
+
+def test_max_steps_stops_early_and_still_reports(tmp_path):
+    m = train(parse_args([*FAST, "--epochs", "5", "--max-steps", "7", "--out", str(tmp_path / "r")]))
+    assert m["global_steps"] == 7 and m["epochs"] == 1 and m["finished"]
+
+
+def test_vanilla_builds_no_regularizer(tmp_path, monkeypatch):
+    import nsr.engine as engine
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("vanilla must not build NeuronSteadiness")
+
+    monkeypatch.setattr(engine, "NeuronSteadiness", forbidden)
+    m = train(parse_args([*FAST, "--no-nsr", "--epochs", "1", "--out", str(tmp_path / "v")]))
+    assert m["history"][0]["nsr_loss"] == 0.0
