@@ -1,0 +1,170 @@
+"""nsr.analyze: intra-class variance on models where it is known by construction."""
+
+import json
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from nsr import analyze
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def hand_model():
+    """fc: z = (x1, 2*x2 + 1); relu; out: relu1 - relu2."""
+    model = nn.Sequential(OrderedDict([
+        ("fc", nn.Linear(2, 2)), ("relu", nn.ReLU()), ("out", nn.Linear(2, 1))]))
+    with torch.no_grad():
+        model.fc.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+        model.fc.bias.copy_(torch.tensor([0.0, 1.0]))
+        model.out.weight.copy_(torch.tensor([[1.0, -1.0]]))
+        model.out.bias.zero_()
+    return model
+
+
+# class 0: (0,0), (2,0); class 1: (1,1), (1,-1), (1,0)
+X = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 0.0], [1.0, -1.0], [1.0, 0.0]])
+Y = torch.tensor([0, 1, 0, 1, 1])
+
+# By hand (population variance within each class; weights n_c/N = 2/5 and 3/5):
+# fc    class 0: z = (0,1), (2,1)          neuron 1 {0,2}: var 1;   neuron 2 {1,1}: var 0
+#       class 1: z = (1,3), (1,-1), (1,1)  neuron 1 {1,1,1}: var 0; neuron 2 {3,-1,1}: mean 1, var 8/3
+#       intra = (2/5*1, 3/5*8/3) = (0.4, 1.6); layer mean 1.0
+# relu  class 1 becomes (1,3), (1,0), (1,1): neuron 2 {3,0,1}: mean 4/3,
+#       var ((5/3)^2 + (4/3)^2 + (1/3)^2)/3 = 42/27 = 14/9
+#       intra = (0.4, 3/5*14/9 = 14/15); layer mean (6/15 + 14/15)/2 = 2/3
+# out   class 0: {-1, 1}: var 1; class 1: {1-3, 1-0, 1-1} = {-2, 1, 0}: mean -1/3, var 14/9
+#       intra = 2/5 + 3/5*14/9 = 4/3 (the largest)
+#       total over {-1,-2,1,1,0}: mean -1/5, squared deviations .64+3.24+1.44+1.44+.04 = 6.8 -> 1.36
+EXPECTED = {"fc": [0.4, 1.6], "relu": [0.4, 14 / 15], "out": [4 / 3]}
+
+
+def test_hand_computed_intra_class_variance():
+    model = hand_model()
+    result = analyze.layer_variances(model, [(X, Y)], num_classes=2)
+    assert list(result) == ["fc", "relu", "out"]
+    for name, expected in EXPECTED.items():
+        np.testing.assert_allclose(result[name]["intra"], expected, rtol=1e-12)
+    np.testing.assert_allclose(result["out"]["total"], [1.36], rtol=1e-12)
+    assert result["out"]["num_samples"] == 5 and result["out"]["class_counts"] == [2, 3]
+    rows = analyze.summarize_layers(result)
+    means = {r["layer"]: r["intra_var_mean"] for r in rows}
+    assert means == pytest.approx({"fc": 1.0, "relu": 2 / 3, "out": 4 / 3})
+    assert rows[2]["intra_share"] == pytest.approx((4 / 3) / 1.36)
+    assert analyze.suggest_layer(rows) == "out"
+
+
+def test_batching_does_not_change_the_numbers():
+    # the same samples in batches of 2, 2, 1 (a class missing from the last batch) via Chan's merge
+    model = hand_model()
+    batches = [(X[:2], Y[:2]), (X[2:4], Y[2:4]), (X[4:], Y[4:])]
+    result = analyze.layer_variances(model, batches, num_classes=3)  # class 2 never appears
+    for name, expected in EXPECTED.items():
+        np.testing.assert_allclose(result[name]["intra"], expected, rtol=1e-12)
+    assert result["fc"]["class_counts"] == [2, 3, 0]
+    # max_samples cuts after 3 samples: class 0 {(0,0),(2,0)}, class 1 {(1,1)} -> fc neuron 1:
+    # 2/3 * 1 + 1/3 * 0 = 2/3; neuron 2: 0
+    cut = analyze.layer_variances(model, batches, num_classes=2, max_samples=3)
+    np.testing.assert_allclose(cut["fc"]["intra"], [2 / 3, 0.0], atol=1e-12)
+
+
+def test_suggested_layer_is_the_largest():
+    rows = [{"layer": "a", "intra_var_mean": 0.5}, {"layer": "b", "intra_var_mean": 2.0},
+            {"layer": "c", "intra_var_mean": float("nan")}, {"layer": "d", "intra_var_mean": 1.0}]
+    assert analyze.suggest_layer(rows) == "b"
+    # a stage, its last block and the pooling after it measure the same responses: the stage wins
+    tie = [{"layer": "layer4", "intra_var_mean": 2.0}, {"layer": "layer4.1", "intra_var_mean": 2.0},
+           {"layer": "avgpool", "intra_var_mean": 2.0 * (1 + 1e-12)}, {"layer": "fc", "intra_var_mean": 1.0}]
+    assert analyze.suggest_layer(tie) == "layer4"
+    assert analyze.suggest_layer([]) is None
+    # scale a layer up: the suggestion follows it
+    model = hand_model()
+    with torch.no_grad():
+        model.fc.weight.mul_(10)  # fc intra x100: (40, 160), mean 100; relu x100: mean 66.7
+        model.out.weight.div_(100)  # out: inputs x10, weights /100 -> x0.1, intra 4/3 * 0.01
+    rows = analyze.summarize_layers(analyze.layer_variances(model, [(X, Y)], num_classes=2))
+    assert analyze.suggest_layer(rows) == "fc"
+    assert rows[0]["intra_var_mean"] == pytest.approx(100.0)
+
+
+def test_cnn_outputs_use_per_channel_spatial_means():
+    # 1x1 conv with weight 1: each image's response is its spatial mean (channel 0) and
+    # 2 x spatial mean (channel 1).
+    conv = nn.Conv2d(1, 2, 1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([1.0, 2.0]).view(2, 1, 1, 1))
+        conv.bias.zero_()
+    model = nn.Sequential(OrderedDict([("conv", conv), ("act", nn.ReLU())]))
+    x = torch.zeros(4, 1, 3, 3)
+    x[0] = 1.0                 # class 0, mean 1
+    x[1, 0, 0, :] = 9.0        # class 0, mean 3 (one row of 9s in a 3x3 image)
+    x[2] = 2.0                 # class 1, mean 2
+    x[3] = 2.0                 # class 1, mean 2
+    y = torch.tensor([0, 0, 1, 1])
+    # channel 0: class 0 {1, 3}: var 1; class 1 {2, 2}: var 0 -> 2/4 * 1 = 0.5; channel 1: 4x -> 2.0
+    result = analyze.layer_variances(model, [(x, y)], num_classes=2, layers=["conv", "act"])
+    np.testing.assert_allclose(result["conv"]["intra"], [0.5, 2.0])
+    np.testing.assert_allclose(result["act"]["intra"], [0.5, 2.0])
+
+
+def test_candidate_layers_of_the_project_models():
+    from models import build_model
+
+    mlp = build_model("mlp4", 10, (1, 8, 8))
+    assert analyze.candidate_layers(mlp) == ["fc1", "relu1", "fc2", "relu2", "out"]
+    resnet = build_model("resnet18", 10, (3, 32, 32))
+    names = analyze.candidate_layers(resnet)
+    for expected in ("relu", "layer1", "layer1.0", "layer4.1", "avgpool", "fc"):
+        assert expected in names
+    assert "conv1" not in names and "layer1.0.conv1" not in names
+    # each BasicBlock's relu runs twice per forward: measured layers leave it out
+    x = torch.randn(4, 3, 32, 32)
+    y = torch.tensor([0, 1, 0, 1])
+    result = analyze.layer_variances(resnet, [(x, y)], num_classes=2)
+    assert "layer1.0.relu" in names and "layer1.0.relu" not in result
+    assert result["layer4"]["intra"].shape == (512,) and result["fc"]["intra"].shape == (10,)
+    with pytest.raises(ValueError, match="ran 2 times"):
+        analyze.layer_variances(resnet, [(x, y)], num_classes=2, layers=["layer1.0.relu"])
+    with pytest.raises(ValueError, match="no layer named 'nope'"):
+        analyze.layer_variances(resnet, [(x, y)], num_classes=2, layers=["nope"])
+    vgg = build_model("vgg19", 10, (3, 32, 32))
+    vnames = analyze.candidate_layers(vgg)
+    assert vnames[0] == "features" and "features.2" in vnames and vnames[-2:] == ["avgpool", "fc"]
+    assert sum(n.startswith("features.") for n in vnames) == 16  # one ReLU per conv block
+
+
+ENGINE_READY = (REPO / "nsr" / "engine.py").is_file()
+
+
+@pytest.mark.skipif(not ENGINE_READY, reason="training engine not present")
+def test_cli_warmup_then_compare_checkpoints(tmp_path, capsys):
+    out = tmp_path / "a"
+    assert analyze.main(["--config", str(REPO / "configs" / "mlp4.yaml"), "--dataset", "digits",
+                         "--warmup-epochs", "1", "--out", str(out), "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    report = json.loads((out / "analysis.json").read_text())
+    means = {r["layer"]: r["intra_var_mean"] for r in report["layers"]}
+    assert list(means) == ["fc1", "relu1", "fc2", "relu2", "out"]
+    assert report["suggested_layer"] == max(means, key=means.get) == report["plotted_layer"]
+    assert f"suggested NSR target: {report['suggested_layer']}" in text
+    assert report["num_samples"] == 1437 - 287  # digits: 1437 train images, 20 % held out
+    assert (out / "intra_class_variance.png").stat().st_size > 1000
+    last = out / "warmup" / "last.pt"
+    assert last.is_file()
+
+    # two checkpoints and a chosen layer
+    out2 = tmp_path / "b"
+    assert analyze.main(["--checkpoint", str(out / "warmup" / "best.pt"), "--compare", str(last),
+                         "--dataset", "digits", "--layer", "relu2", "--out", str(out2),
+                         "--device", "cpu"]) == 0
+    report2 = json.loads((out2 / "analysis.json").read_text())
+    assert report2["plotted_layer"] == "relu2"
+    per = report2["per_neuron_intra_var"]
+    assert len(per["checkpoint"]) == len(per["compare"]) == 100  # MLP-4: [256, 100]
+    # after one epoch best.pt and last.pt are the same weights: identical numbers
+    np.testing.assert_allclose(per["checkpoint"], per["compare"])
+    assert "compare intra" in capsys.readouterr().out
