@@ -291,6 +291,14 @@ def _fake_arrays(cfg):
     return images[:n_train], labels[:n_train], images[n_train:], labels[n_train:], classes
 
 
+def channels_last(cfg, device: torch.device) -> bool:
+    """CNN batches and weights in NHWC: faster convolutions on CUDA (cfg.channels_last=auto)."""
+    from models import is_mlp
+
+    return (not is_mlp(cfg.model)) and (
+        cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda"))
+
+
 def check_labels(y: np.ndarray | torch.Tensor, num_classes: int, what: str) -> None:
     y = np.asarray(y)
     if y.size and (y.min() < 0 or y.max() >= num_classes):
@@ -337,16 +345,20 @@ def load_data(cfg, device: torch.device, rank: int = 0, world: int = 1) -> Data:
         from . import augment
 
         dtype = torch.float32
+        layout = torch.channels_last if channels_last(cfg, device) else torch.contiguous_format
         flip = cfg.augment in ("crop_flip", "crop_flip_cutout")
         cutout = cfg.cutout if cfg.augment == "crop_flip_cutout" else 0
         crop = 4 if flip else 0
 
+        mean_t = torch.tensor(mean, device=device)
+        std_t = torch.tensor(std, device=device)
+
         def train_tf(xb, gen):
             return augment.augment_batch(xb, gen, crop_padding=crop, flip=flip, cutout_size=cutout,
-                                         mean=mean, std=std, dtype=dtype)
+                                         mean=mean_t, std=std_t, dtype=dtype, memory_format=layout)
 
         def eval_tf(xb, gen):
-            return augment.normalize(xb, mean, std, dtype=dtype)
+            return augment.normalize(xb, mean_t, std_t, dtype=dtype, memory_format=layout)
 
     make = lambda x, y, shuffle, tf, bs: TensorBatches(  # noqa: E731
         x, y, bs, shuffle, seed=cfg.seed, transform=tf, rank=rank, world=world)

@@ -28,7 +28,7 @@ from torch import nn
 from . import nni_trial
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import Config, apply_overrides, from_dict, parse_args, to_dict, validate
-from .data import load_data
+from .data import channels_last, load_data
 from .errors import EXIT_INTERRUPTED, UserError, run_cli
 from .regularizer import NeuronSteadiness
 
@@ -206,11 +206,10 @@ class Trainer:
         set_cpu_threads(cfg, rt.device)
         torch.manual_seed(cfg.seed)
         self.data = load_data(cfg, rt.device, rt.rank, rt.world)
-        from models import build_model, is_mlp
+        from models import build_model
 
         model = build_model(cfg.model, self.data.num_classes, self.data.in_shape).to(rt.device)
-        self.channels_last = (not is_mlp(cfg.model)) and (
-            cfg.channels_last == "on" or (cfg.channels_last == "auto" and rt.device.type == "cuda"))
+        self.channels_last = channels_last(cfg, rt.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
