@@ -1,0 +1,336 @@
+"""NNI search: nsr.nni_trial outside/inside a trial, configs/nni/*.yml, and real NNI experiments.
+
+The experiments are real: NNI's manager (Node.js), its TPE tuner and fdnn_nsr.py trials on the
+bundled `digits` set. Each runs with HOME and NNI's experiment directory inside tmp_path, on a
+free loopback port, so nothing lands in ~/nni-experiments.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+NNI_CONFIGS = ["mlp3", "mlp4", "mlp6", "mlp8", "mlp10", "resnet18_cifar10", "vgg19_cifar10"]
+QUICK = "--dataset digits --epochs 1"
+
+
+def _clean_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("NNI_") and k not in ("NSR_TRIAL_ARGS", "NODE_OPTIONS")}
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    env["HOME"] = str(home)  # NNI's experiment registry (~/nni-experiments/.experiment) goes here
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _leftovers(marker: str) -> list[str]:
+    """Live processes whose command line mentions marker (experiment id or its folder)."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+            if marker in cmd and p.info["status"] != psutil.STATUS_ZOMBIE and p.pid != os.getpid():
+                found.append(f"{p.pid}: {cmd[:200]}")
+        except psutil.Error:
+            continue
+    return found
+
+
+def _search_cmd(tmp_path: Path, *extra: str, config: str = "configs/nni/mlp4.yml") -> list[str]:
+    return [PY, "-m", "nsr.search", config, "--port", str(_free_port()),
+            "--out", str(tmp_path / "out"), "--experiment-dir", str(tmp_path / "nni"), *extra]
+
+
+def _assert_no_leftovers(tmp_path: Path, exp_id: str | None) -> None:
+    deadline = time.time() + 10
+    while True:
+        left = _leftovers(str(tmp_path / "nni")) + (_leftovers(exp_id) if exp_id else [])
+        if not left or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert not left, "processes left behind:\n" + "\n".join(left)
+
+
+# ------------------------------------------------------------------------------ nni_trial
+
+def test_nni_trial_outside_nni_is_silent_and_does_not_import_nni(tmp_path):
+    code = (
+        "import sys\n"
+        "from nsr import nni_trial as t\n"
+        "assert t.in_trial() is False\n"
+        "assert t.get_trial_parameters() is None\n"
+        "t.report_intermediate(50.0)\n"
+        "t.report_intermediate(float('nan'))\n"
+        "t.report_final(97.5, 97.1)\n"
+        "assert 'nni' not in sys.modules, sorted(m for m in sys.modules if m.startswith('nni'))\n"
+    )
+    env = _clean_env(tmp_path)
+    env["NNI_PLATFORM"] = "unittest"  # NNI's own marker for "no runtime"
+    env["NNI_TRIAL_JOB_ID"] = "abc"
+    r = subprocess.run([PY, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "" and r.stderr == ""
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, False),
+    ({"NNI_PLATFORM": "local"}, False),                        # no trial id: not a trial
+    ({"NNI_TRIAL_JOB_ID": "abc"}, False),
+    ({"NNI_PLATFORM": "unittest", "NNI_TRIAL_JOB_ID": "abc"}, False),
+    ({"NNI_PLATFORM": "local", "NNI_TRIAL_JOB_ID": "abc"}, True),
+    ({"NNI_PLATFORM": "remote", "NNI_TRIAL_JOB_ID": "abc"}, True),
+])
+def test_in_trial_reads_nni_environment(monkeypatch, env, expected):
+    from nsr import nni_trial
+
+    for key in ("NNI_PLATFORM", "NNI_TRIAL_JOB_ID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert nni_trial.in_trial() is expected
+
+
+@pytest.fixture
+def fake_nni(monkeypatch):
+    """An in-trial environment with a recording stand-in for the `nni` module."""
+    calls: list[tuple[str, object]] = []
+    mod = types.ModuleType("nni")
+    mod.get_next_parameter = lambda: calls.append(("get", None)) or {"lambda": 0.25, "queue_batches": 5}
+    mod.report_intermediate_result = lambda v: calls.append(("intermediate", v))
+    mod.report_final_result = lambda v: calls.append(("final", v))
+    monkeypatch.setitem(sys.modules, "nni", mod)
+    monkeypatch.setenv("NNI_PLATFORM", "local")
+    monkeypatch.setenv("NNI_TRIAL_JOB_ID", "abc")
+    return calls
+
+
+def test_nni_trial_inside_trial_uses_nni(fake_nni):
+    from nsr import nni_trial
+
+    assert nni_trial.in_trial()
+    assert nni_trial.get_trial_parameters() == {"lambda": 0.25, "queue_batches": 5}
+    nni_trial.report_intermediate(91.5)
+    nni_trial.report_final(97.25, 96.5)
+    assert fake_nni == [("get", None), ("intermediate", 91.5),
+                        ("final", {"default": 97.25, "test_acc": 96.5})]
+
+
+def test_nni_trial_never_reports_nan(fake_nni):
+    from nsr import nni_trial
+    from nsr.errors import UserError
+
+    with pytest.raises(UserError, match="validation accuracy"):
+        nni_trial.report_intermediate(float("nan"))
+    with pytest.raises(UserError, match="best validation accuracy"):
+        nni_trial.report_final(float("inf"), 90.0)
+    nni_trial.report_final(90.0, float("nan"))  # the test accuracy only rides along: null
+    assert fake_nni == [("final", {"default": 90.0, "test_acc": None})]
+
+
+# ------------------------------------------------------------------------------ configs/nni
+
+@pytest.mark.parametrize("name", NNI_CONFIGS)
+def test_nni_config_is_valid_and_points_at_the_right_script(name, tmp_path, monkeypatch):
+    from nni.experiment.config import ExperimentConfig
+
+    from nsr.config import key_names, parse_args
+
+    monkeypatch.chdir(tmp_path)  # relative paths must resolve against the YAML's folder, not cwd
+    config = ExperimentConfig.load(str(REPO / "configs" / "nni" / f"{name}.yml"))
+    canon = config.canonical_copy()  # NNI's own validation
+    assert Path(canon.trial_code_directory) == REPO
+    assert canon.trial_concurrency == 1
+    assert canon.max_trial_number and canon.max_experiment_duration
+    assert canon.tuner.name == "TPE" and canon.tuner.class_args["optimize_mode"] == "maximize"
+    assert canon.training_service.platform == "local"
+    space = canon.search_space
+    assert space["lambda"] == {"_type": "loguniform", "_value": [0.001, 10]}
+    accepted = {"lambda", "queue_batches", "nsr_layer"} | set(key_names())
+    assert set(space) <= accepted, f"keys the engine would reject: {set(space) - accepted}"
+
+    argv = shlex.split(canon.trial_command.replace("$NSR_TRIAL_ARGS", ""))
+    assert argv[0] == "python3"
+    script = "fdnn_nsr.py" if name.startswith("mlp") else "cnn_nsr.py"
+    assert argv[1] == script and (REPO / script).is_file()
+    cfg_path = argv[argv.index("--config") + 1]
+    assert cfg_path == f"configs/{name}.yaml" and (REPO / cfg_path).is_file()
+    assert "$NNI_OUTPUT_DIR" in argv[argv.index("--out") + 1]  # each trial writes its own folder
+    if name.startswith("mlp"):
+        assert canon.training_service.trial_gpu_number is None  # CPU or GPU, whatever is there
+    else:
+        assert canon.training_service.trial_gpu_number == 1
+        assert canon.training_service.gpu_indices == [0]
+        assert canon.training_service.use_active_gpu is True
+
+    # the trial command parses with the engine's own parser, from the repository root
+    monkeypatch.chdir(REPO)
+    cfg = parse_args([a.replace("$NNI_OUTPUT_DIR", str(tmp_path)) for a in argv[2:]])
+    assert cfg.model == name.split("_")[0]
+    assert cfg.nsr and cfg.nsr_layers
+
+
+# ------------------------------------------------------------------------------ nsr.search errors
+
+@pytest.mark.parametrize("setup, args, message", [
+    (None, ["missing.yml"], "not found"),
+    ("a: [1,\n", ["{cfg}"], "not valid YAML at line 2"),
+    ("trialConcurrency: 1\nbogusField: 2\n", ["{cfg}"], "bogus"),
+    (None, ["configs/nni/mlp4.yml", "--trial-args", '--lr "0.1'], "No closing quotation"),
+    (None, ["configs/nni/mlp4.yml", "--gpu-indices", "a"], "--gpu-indices"),
+    (None, ["configs/nni/mlp4.yml", "--max-trials", "0"], "--max-trials"),
+])
+def test_search_bad_input_is_one_line(tmp_path, setup, args, message):
+    cfg = tmp_path / "bad.yml"
+    if setup is not None:
+        cfg.write_text(setup)
+    args = [a.format(cfg=cfg) for a in args]
+    r = subprocess.run([PY, "-m", "nsr.search", *args, "--port", "0", "--out", str(tmp_path / "out"),
+                        "--experiment-dir", str(tmp_path / "nni")],
+                       cwd=REPO, env=_clean_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+    assert not (tmp_path / "nni").exists()  # nothing was started
+
+
+def test_search_port_in_use_is_one_line(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = subprocess.run([PY, "-m", "nsr.search", "configs/nni/mlp4.yml", "--port", str(port),
+                            "--out", str(tmp_path / "out"), "--experiment-dir", str(tmp_path / "nni")],
+                           cwd=REPO, env=_clean_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert r.stderr.strip() == (f"error: port {port} is in use (another NNI experiment?); pick another "
+                                "with --port, or --port 0 for any free one")
+
+
+def test_search_without_gpu_refuses_gpu_config(tmp_path):
+    from nsr.search import _visible_gpu_count
+
+    if _visible_gpu_count() not in (0,):
+        pytest.skip("a GPU is visible (or NVML is missing): nothing to refuse")
+    r = subprocess.run([PY, "-m", "nsr.search", "configs/nni/resnet18_cifar10.yml", "--port", "0",
+                        "--out", str(tmp_path / "out"), "--experiment-dir", str(tmp_path / "nni")],
+                       cwd=REPO, env=_clean_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "no NVIDIA GPU is visible; add --cpu" in r.stderr
+
+
+# ------------------------------------------------------------------------------ real experiments
+
+def test_search_real_experiment_two_trials(tmp_path):
+    """2 TPE trials of fdnn_nsr.py (1 epoch on digits) through NNI: both succeed, best.json is written."""
+    cmd = _search_cmd(tmp_path, "--max-trials", "2", "--trial-args", QUICK)
+    port = int(cmd[cmd.index("--port") + 1])
+    start = time.time()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_clean_env(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    listen_ips = set()
+    while proc.poll() is None and time.time() - start < 180:
+        try:
+            listen_ips |= {c.laddr.ip for c in psutil.net_connections("tcp")
+                           if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port}
+        except psutil.Error:
+            pass
+        time.sleep(0.5)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    elapsed = time.time() - start
+    assert proc.returncode == 0, out + err
+    assert elapsed < 180, f"took {elapsed:.0f} s"
+    assert listen_ips == {"127.0.0.1"}, f"web UI listened on {listen_ips}"
+
+    trials = json.loads((tmp_path / "out" / "trials.json").read_text())
+    assert trials["status"] == "DONE"
+    assert [t["status"] for t in trials["trials"]] == ["SUCCEEDED", "SUCCEEDED"]
+    for t in trials["trials"]:
+        assert 0.001 <= t["parameters"]["lambda"] <= 10
+        assert 0 <= t["best_val_acc"] <= 100 and 0 <= t["test_acc"] <= 100
+
+    best = json.loads((tmp_path / "out" / "best.json").read_text())
+    assert set(best) >= {"parameters", "best_val_acc", "test_acc", "experiment_id", "trial_id"}
+    assert best["best_val_acc"] == max(t["best_val_acc"] for t in trials["trials"])
+    assert best["complete"] is True
+    # what NNI recorded is what the trial measured, with the tuner's lambda applied
+    run = Path(best["trial_dir"]) / "run"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["best_val_acc"] == pytest.approx(best["best_val_acc"])
+    assert metrics["test_acc"] == pytest.approx(best["test_acc"])
+    assert metrics["dataset"] == "digits" and metrics["epochs"] == 1
+    assert yaml.safe_load((run / "config.yaml").read_text())["lambda"] == [best["parameters"]["lambda"]]
+    assert f"best lambda = {best['parameters']['lambda']:.6g}" in out
+    assert "[2 done]" in out and "best so far" in out
+
+    assert Path(best["experiment_dir"]).parent == tmp_path / "nni"
+    _assert_no_leftovers(tmp_path, best["experiment_id"])
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0, "the NNI manager still listens"
+    real_home = Path(os.path.expanduser("~")) / "nni-experiments" / best["experiment_id"]
+    assert not real_home.exists()
+
+
+def test_search_reports_failed_trial(tmp_path):
+    cmd = _search_cmd(tmp_path, "--max-trials", "1", "--trial-args", QUICK + " --lr -1")
+    r = subprocess.run(cmd, cwd=REPO, env=_clean_env(tmp_path), capture_output=True, text=True,
+                       timeout=180)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: no trial succeeded")
+    trials = json.loads((tmp_path / "out" / "trials.json").read_text())
+    (t,) = trials["trials"]
+    assert t["status"] == "FAILED" and t["best_val_acc"] is None
+    assert t["error"].startswith("error: lr must be")  # the trial's own one-line message
+    assert "FAILED" in r.stdout and "lr must be" in r.stdout
+    assert not (tmp_path / "out" / "best.json").exists()
+    _assert_no_leftovers(tmp_path, trials["experiment_id"])
+
+
+def test_search_ctrl_c_stops_manager_and_trial(tmp_path):
+    cmd = _search_cmd(tmp_path, "--max-trials", "3", "--trial-args", "--dataset digits --epochs 100000")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_clean_env(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        trial_running = False
+        while time.time() < deadline and proc.poll() is None and not trial_running:
+            trial_running = any("fdnn_nsr.py" in " ".join(p.info["cmdline"] or [])
+                                and str(tmp_path / "nni") in " ".join(p.info["cmdline"] or [])
+                                for p in psutil.process_iter(["cmdline"]))
+            time.sleep(0.5)
+        assert trial_running, "no trial started"
+        time.sleep(1)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out + err
+    assert "interrupted" in err and "Traceback" not in err
+    trials = json.loads((tmp_path / "out" / "trials.json").read_text())
+    assert trials["status"] == "INTERRUPTED"
+    _assert_no_leftovers(tmp_path, trials["experiment_id"])
