@@ -244,8 +244,8 @@ def _tail(path: Path, lines: int = STDERR_TAIL_LINES) -> str:
 class Progress:
     """Thread-safe progress lines: [done/total], elapsed, ETA from the mean time of trained runs."""
 
-    def __init__(self, total: int, to_train: int, stream=None):
-        self.total, self.to_train = total, to_train
+    def __init__(self, total: int, to_train: int, stream=None, jobs: int = 1):
+        self.total, self.to_train, self.jobs = total, to_train, max(1, jobs)
         self.done = self.trained = 0
         self.train_time = 0.0
         self.start = time.monotonic()
@@ -263,7 +263,8 @@ class Progress:
             elapsed = time.monotonic() - self.start
             eta = ""
             if self.trained and self.to_train > self.trained:
-                eta = f", ETA {_hms(self.train_time / self.trained * (self.to_train - self.trained))}"
+                left = self.train_time / self.trained * (self.to_train - self.trained) / self.jobs
+                eta = f", ETA {_hms(left)}"
             print(f"[{self.done}/{self.total} {_hms(elapsed)}{eta}] {text}", file=self.stream,
                   flush=True)
 
@@ -276,8 +277,9 @@ def _hms(seconds: float) -> str:
 
 
 def execute(run: Run, log_dir: Path, progress: Progress, env: dict,
-            cwd: Path = REPO) -> tuple[bool, str]:
-    """Train one run as a subprocess; (ok, message)."""
+            cwd: Path | None = None) -> tuple[bool, str]:
+    """Train one run as a subprocess; (ok, message). cwd None: this process's working folder,
+    so relative paths in configs (data_dir: ./data) mean what they mean when running a script."""
     log_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{run.model}-{run.variant}-seed{run.seed}"
     out_log, err_log = log_dir / f"{stem}.stdout.log", log_dir / f"{stem}.stderr.log"
@@ -290,10 +292,10 @@ def execute(run: Run, log_dir: Path, progress: Progress, env: dict,
         fo.flush()
         try:
             rc = subprocess.call(run.command, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL,
-                                 cwd=str(cwd), env=env)
+                                 cwd=None if cwd is None else str(cwd), env=env)
         except OSError as e:
-            rc, err = -1, str(e)
-            fe.write(err + "\n")
+            rc = -1
+            fe.write(f"{e}\n")
     duration = time.monotonic() - t0
     metrics = read_metrics(run.folder)
     if rc == 0 and metrics is not None and metrics.get("finished") is True:
@@ -304,16 +306,21 @@ def execute(run: Run, log_dir: Path, progress: Progress, env: dict,
         return True, msg
     why = f"exit code {rc}" if rc != 0 else "exited 0 but metrics.json is not marked finished"
     tail = _tail(err_log) or _tail(out_log)
-    msg = (f"{run.label}: FAILED ({why}) after {_hms(duration)}; command: {shlex.join(run.command)}\n"
-           f"  log: {err_log}\n" + "\n".join("  | " + line for line in tail.splitlines()))
-    progress.line(msg, finished_run=True, duration=duration, trained=True)
-    return False, msg
+    progress.line(f"{run.label}: FAILED ({why}) after {_hms(duration)}; command: "
+                  f"{shlex.join(run.command)}\n  log: {err_log}\n" +
+                  "\n".join("  | " + line for line in tail.splitlines()),
+                  finished_run=True, duration=duration, trained=True)
+    last = tail.splitlines()[-1] if tail else ""
+    return False, f"{run.label}: {why}: {last}\n    log: {err_log}"
 
 
-def run_all(runs: list[Run], out: Path, jobs: int, cwd: Path = REPO) -> list[str]:
-    """Run everything not finished; returns the failure messages."""
+def run_all(runs: list[Run], out: Path, jobs: int, cwd: Path | None = None,
+            fail_fast: bool = False) -> list[str]:
+    """Run everything not finished; returns one message per failed run.
+
+    fail_fast: after the first failure, start no further run (runs in flight finish)."""
     pending = [r for r in runs if r.state != "finished"]
-    progress = Progress(len(runs), len(pending))
+    progress = Progress(len(runs), len(pending), jobs=min(jobs, max(1, len(pending))))
     for r in runs:
         if r.state == "finished":
             progress.line(f"{r.label}: skipped (finished)", finished_run=True)
@@ -321,17 +328,30 @@ def run_all(runs: list[Run], out: Path, jobs: int, cwd: Path = REPO) -> list[str
     if jobs > 1 and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
     failures: list[str] = []
+    stop = threading.Event()
     log_dir = Path(out) / "logs"
+
+    def one(r: Run):
+        if stop.is_set():
+            progress.line(f"{r.label}: not started (--fail-fast)", finished_run=True)
+            return True, ""
+        ok, msg = execute(r, log_dir, progress, env, cwd)
+        if not ok and fail_fast:
+            stop.set()
+        return ok, msg
+
     if jobs <= 1:
-        for r in pending:
-            ok, msg = execute(r, log_dir, progress, env, cwd)
+        results = map(one, pending)
+    else:
+        pool = ThreadPoolExecutor(max_workers=jobs)
+        results = pool.map(one, pending)
+    try:
+        for ok, msg in results:
             if not ok:
                 failures.append(msg)
-    else:
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            for ok, msg in pool.map(lambda r: execute(r, log_dir, progress, env, cwd), pending):
-                if not ok:
-                    failures.append(msg)
+    finally:
+        if jobs > 1:
+            pool.shutdown(wait=True, cancel_futures=True)
     return failures
 
 
@@ -440,6 +460,7 @@ def write_curves(out: Path, results: dict, key: str = "val_acc") -> Path | None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     models = list(results)
     if not models:
@@ -467,7 +488,8 @@ def write_curves(out: Path, results: dict, key: str = "val_acc") -> Path | None:
             drawn = True
         ax.set_title(display_name(model))
         ax.set_xlabel("epoch")
-        ax.set_ylabel("validation accuracy")
+        ax.set_ylabel("validation accuracy (%)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if drawn:
             ax.legend(fontsize=8, loc="lower right")
@@ -508,8 +530,11 @@ def parse_args(argv=None):
     p.add_argument("--lambda-from", nargs="+", metavar="[MODEL=]FILE",
                    help="λ for NSR runs from a λ-search best.json ({\"parameters\": {\"lambda\": ...}}); "
                         "FILE applies to every model, MODEL=FILE to one (default: the configs' λ)")
-    p.add_argument("--extra", default="", help='extra flags for every run, e.g. "--max-steps 50"')
+    p.add_argument("--extra", default="",
+                   help='extra flags for every run, e.g. "--max-steps 50" (finished runs are not '
+                        're-trained when only these change: use another --out)')
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once (default 1)")
+    p.add_argument("--fail-fast", action="store_true", help="start no new run after a failure")
     p.add_argument("--table-only", action="store_true", help="only rebuild table and curves")
     p.add_argument("--dry-run", action="store_true", help="print what would run, train nothing")
     p.add_argument("--python", default=sys.executable, help=argparse.SUPPRESS)
@@ -555,7 +580,7 @@ def main(argv=None) -> int:
     print(f"{len(runs)} runs ({len(args.models)} models x {args.seeds} seeds x 2 variants): "
           f"{len(runs) - todo} finished, {todo} to train -> {args.out}", flush=True)
     try:
-        failures = run_all(runs, args.out, args.jobs, repo)
+        failures = run_all(runs, args.out, args.jobs, fail_fast=args.fail_fast)
     except KeyboardInterrupt:
         print("interrupted; finished runs are kept, rerun the same command to continue",
               file=sys.stderr)
@@ -566,7 +591,7 @@ def main(argv=None) -> int:
     print(md, end="")
     print(f"wrote {args.out / 'table.md'}, table.csv, summary.json, curves.png")
     if failures:
-        print(f"\n{len(failures)} of {len(runs)} runs failed:", file=sys.stderr)
+        print(f"\n{len(failures)} of {len(runs)} runs failed (details above):", file=sys.stderr)
         for msg in failures:
             print(msg, file=sys.stderr)
         return 1

@@ -138,10 +138,12 @@ def test_failure_is_reported_and_others_continue(fake_repo, tmp_path, monkeypatc
     monkeypatch.setenv("FAKE_FAIL", "nsr1")
     assert _main(repo, out, "--models", "mlp4", "--seeds", "3") == 1
     assert len(_calls(calls)) == 6  # the failure did not stop the seeds after it
-    err = capsys.readouterr().err
-    assert "1 of 6 runs failed" in err
-    assert "mlp4 nsr     seed 1: FAILED (exit code 3)" in err
-    assert "RuntimeError: boom" in err  # the stderr tail
+    captured = capsys.readouterr()
+    assert "mlp4 nsr     seed 1: FAILED (exit code 3)" in captured.out
+    assert "  | RuntimeError: boom" in captured.out  # the stderr tail, as it happens
+    assert "1 of 6 runs failed" in captured.err
+    assert "mlp4 nsr     seed 1: exit code 3: RuntimeError: boom" in captured.err  # and at the end
+    assert "mlp4-nsr-seed1.stderr.log" in captured.err
     # the table is still written from the 5 finished runs
     summary = json.loads((out / "summary.json").read_text())["mlp4"]["summary"]
     assert summary["vanilla_n"] == 3 and summary["nsr_n"] == 2 and summary["paired_n"] == 2
@@ -149,6 +151,14 @@ def test_failure_is_reported_and_others_continue(fake_repo, tmp_path, monkeypatc
     monkeypatch.delenv("FAKE_FAIL")
     assert _main(repo, out, "--models", "mlp4", "--seeds", "3") == 0
     assert [(c["variant"], c["seed"]) for c in _calls(calls)[6:]] == [("nsr", 1)]
+
+
+def test_fail_fast_starts_nothing_after_a_failure(fake_repo, tmp_path, monkeypatch, capsys):
+    repo, calls = fake_repo
+    monkeypatch.setenv("FAKE_FAIL", "vanilla0")
+    assert _main(repo, tmp_path / "out", "--models", "mlp4", "--seeds", "2", "--fail-fast") == 1
+    assert len(_calls(calls)) == 1
+    assert capsys.readouterr().out.count("not started (--fail-fast)") == 3
 
 
 def test_commands_lambda_from_extra_and_cnn(fake_repo, tmp_path, capsys):
