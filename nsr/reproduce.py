@@ -112,20 +112,46 @@ def load_lambda(path: str) -> list[float]:
                          f"got {value!r}")
 
 
-def parse_lambda_sources(specs: list[str] | None, models: list[str]) -> dict[str, list[float]]:
-    """--lambda-from FILE (every model) or MODEL=FILE ... -> {model: [λ, ...]}."""
-    result: dict[str, list[float]] = {}
+def search_params(path: str) -> dict:
+    """The other searched parameters of a best.json as config keys (nsr_layer -> nsr_layers)."""
+    with open(path) as f:
+        params = json.load(f).get("parameters") or {}
+    out = {}
+    for key, value in params.items():
+        if key == "lambda":
+            continue
+        if key == "nsr_layer":
+            key, value = "nsr_layers", [value]
+        out[key] = value
+    return out
+
+
+def search_flags(path: str) -> list[str]:
+    """Training flags for those parameters (given to the NSR runs only): key k -> --k."""
+    flags: list[str] = []
+    for key, value in search_params(path).items():
+        values = value if isinstance(value, list) else [value]
+        flags += ["--" + key.replace("_", "-"), *(str(v) for v in values)]
+    return flags
+
+
+def parse_lambda_sources(specs: list[str] | None, models: list[str]
+                         ) -> tuple[dict[str, list[float]], dict[str, list[str]]]:
+    """--lambda-from FILE (every model) or MODEL=FILE ... -> ({model: [λ, ...]}, {model: flags})."""
+    lambdas: dict[str, list[float]] = {}
+    flags: dict[str, list[str]] = {}
     for spec in specs or []:
         model, sep, path = spec.partition("=")
         if sep and not os.path.isfile(spec):
             if model not in models:
                 raise SystemExit(f"error: --lambda-from {spec}: {model!r} is not one of --models")
-            result[model] = load_lambda(path)
+            lambdas[model], flags[model] = load_lambda(path), search_flags(path)
         else:
-            values = load_lambda(spec)
+            values, extra = load_lambda(spec), search_flags(spec)
             for m in models:
-                result.setdefault(m, values)
-    return result
+                if m not in lambdas:
+                    lambdas[m], flags[m] = values, extra
+    return lambdas, flags
 
 
 # ------------------------------------------------------------------------------- commands
@@ -146,7 +172,8 @@ class Run:
 
 
 def build_command(model: str, variant: str, seed: int, folder: Path, args,
-                  lambdas: dict[str, list[float]], repo: Path) -> list[str]:
+                  lambdas: dict[str, list[float]], repo: Path,
+                  nsr_flags: dict[str, list[str]] | None = None) -> list[str]:
     config = repo / "configs" / f"{model}.yaml"
     if is_mlp(model):
         script = "fdnn_nsr.py" if variant == "nsr" else "fdnn_vanilla.py"
@@ -164,6 +191,8 @@ def build_command(model: str, variant: str, seed: int, folder: Path, args,
         cmd += ["--epochs", str(args.epochs)]
     if variant == "nsr" and model in lambdas:
         cmd += ["--lambda", *(repr(v) for v in lambdas[model])]
+    if variant == "nsr" and nsr_flags and model in nsr_flags:
+        cmd += nsr_flags[model]
     cmd += shlex.split(args.extra or "")
     return cmd
 
@@ -209,14 +238,14 @@ def settings_mismatch(folder: Path, variant: str, model: str, args,
     return "; ".join(reasons)
 
 
-def plan_runs(args, lambdas, repo: Path) -> list[Run]:
+def plan_runs(args, lambdas, repo: Path, nsr_flags: dict[str, list[str]] | None = None) -> list[Run]:
     runs = []
     for model in args.models:
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             for variant in VARIANTS:
                 folder = run_dir(args.out, model, variant, seed)
                 run = Run(model, variant, seed, folder)
-                run.command = build_command(model, variant, seed, folder, args, lambdas, repo)
+                run.command = build_command(model, variant, seed, folder, args, lambdas, repo, nsr_flags)
                 run.state = run_state(folder)
                 if run.state == "finished":
                     why = settings_mismatch(folder, variant, model, args, lambdas)
@@ -529,7 +558,8 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, help="override the configs' epochs")
     p.add_argument("--lambda-from", nargs="+", metavar="[MODEL=]FILE",
                    help="λ for NSR runs from a λ-search best.json ({\"parameters\": {\"lambda\": ...}}); "
-                        "FILE applies to every model, MODEL=FILE to one (default: the configs' λ)")
+                        "FILE applies to every model, MODEL=FILE to one (default: the configs' λ). "
+                        "Other searched parameters (nsr_layer, queue_batches) go to the NSR runs too")
     p.add_argument("--extra", default="",
                    help='extra flags for every run, e.g. "--max-steps 50" (finished runs are not '
                         're-trained when only these change: use another --out)')
@@ -569,8 +599,8 @@ def main(argv=None) -> int:
         print(f"error: no config for {', '.join(missing)} in {repo / 'configs'}; "
               f"available: {', '.join(have) or 'none'}", file=sys.stderr)
         return 2
-    lambdas = parse_lambda_sources(args.lambda_from, args.models)
-    runs = plan_runs(args, lambdas, repo)
+    lambdas, nsr_flags = parse_lambda_sources(args.lambda_from, args.models)
+    runs = plan_runs(args, lambdas, repo, nsr_flags)
     if args.dry_run:
         for r in runs:
             print(f"{r.label}: {r.state}" + (f" ({r.note})" if r.note else "") +
