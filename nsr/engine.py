@@ -344,6 +344,11 @@ class Trainer:
     def evaluate(self, batches) -> tuple[float, float]:
         """(top-1, top-5) accuracy in percent over `batches`, summed over all ranks."""
         model = self.model
+        if self.rt.world > 1:
+            # DDP keeps parameters equal, but BatchNorm running stats only as of the last forward:
+            # every rank evaluates (and rank 0 saves) with rank 0's.
+            for buffer in model.buffers():
+                dist.broadcast(buffer, 0)
         was_training = model.training
         model.eval()
         totals = torch.zeros(3, dtype=torch.float64, device=self.rt.device)  # top1, top5, count

@@ -1,0 +1,60 @@
+"""torchrun-style training with two CPU processes (gloo): ranks stay identical."""
+
+import json
+import os
+import socket
+
+import torch
+import torch.multiprocessing as mp
+
+from tests.conftest import ROOT
+
+ARGS = ["--config", os.path.join(ROOT, "configs", "resnet18_cifar10.yaml"), "--dataset", "fake",
+        "--fake-size", "64", "--batch-size", "8", "--eval-batch-size", "16", "--epochs", "1",
+        "--max-steps", "3", "--device", "cpu", "--quiet", "--queue-batches", "2"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, out: str, dump: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2", OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    import nsr.engine as engine
+    from nsr.config import parse_args
+
+    fit = engine.Trainer.fit
+
+    def fit_and_dump(self):
+        metrics = fit(self)
+        torch.save({"model": self.model.state_dict(), "nsr": self.reg.state_dict(),
+                    "samples": self.data.train.num_samples}, os.path.join(dump, f"rank{rank}.pt"))
+        return metrics
+
+    engine.Trainer.fit = fit_and_dump
+    try:
+        engine.train(parse_args([*ARGS, "--out", out]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_end_with_identical_weights_and_nsr_memory(tmp_path):
+    out, dump = str(tmp_path / "run"), str(tmp_path)
+    mp.spawn(_worker, args=(free_port(), out, dump), nprocs=2, join=True)
+    r0 = torch.load(os.path.join(dump, "rank0.pt"), weights_only=True)
+    r1 = torch.load(os.path.join(dump, "rank1.pt"), weights_only=True)
+    for key in r0["model"]:
+        assert torch.equal(r0["model"][key], r1["model"][key]), key
+    assert r0["nsr"] and all(torch.equal(r0["nsr"][k], r1["nsr"][k]) for k in r0["nsr"])
+    # each rank saw half of the 64 fake training images, and memory counts the global batch of 16
+    assert r0["samples"] == r1["samples"] == 32
+    counts = r0["nsr"]["memories.0.ring_counts"]
+    assert counts.sum(dim=1).tolist() == [16.0, 16.0]
+    m = json.loads(open(os.path.join(out, "metrics.json")).read())
+    assert m["world_size"] == 2 and m["global_steps"] == 3 and m["finished"]
