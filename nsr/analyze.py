@@ -366,7 +366,8 @@ def _label(path: str, saved: dict) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m nsr.analyze", description=__doc__.splitlines()[0])
-    p.add_argument("--config", help="YAML config (model, data set); not needed with --checkpoint")
+    p.add_argument("--config", help="YAML config (model, data set) for the warm-up run; with "
+                                    "--checkpoint the checkpoint's saved config is used instead")
     p.add_argument("--checkpoint", help="model to analyse (default: a short vanilla warm-up run)")
     p.add_argument("--compare", help="second checkpoint (e.g. the NSR run) for the histogram")
     p.add_argument("--dataset", help="override the config's data set")
