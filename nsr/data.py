@@ -8,8 +8,11 @@ draw is a function of (seed, epoch, step), so a run resumed mid-epoch sees the s
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
+import socket
+import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -39,6 +42,16 @@ IDX_FILES = {
     "test_labels": "t10k-labels-idx1-ubyte",
 }
 _TORCHVISION_FOLDER = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+# Where torchvision downloads from (host, port): probed before the download so that an offline
+# machine gets its answer in seconds, not after torchvision's import and per-file retries.
+_MIRRORS = {
+    "mnist": [("ossci-datasets.s3.amazonaws.com", 443), ("yann.lecun.com", 80)],
+    "fashion-mnist": [("fashion-mnist.s3-website.eu-central-1.amazonaws.com", 80)],
+    "cifar10": [("www.cs.toronto.edu", 443)],
+}
+PROBE_TIMEOUT_S = 8.0      # the longest the reachability probe may take
+DOWNLOAD_TIMEOUT_S = 60.0  # a download that stalls this long fails instead of hanging
+_PROXY_VARS = ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY")
 
 
 def _mix(*values: int) -> int:
@@ -107,18 +120,76 @@ def _check_idx_shapes(arrays: dict[str, np.ndarray], folder: str) -> None:
                             f"{images.shape}, labels {labels.shape}; expected N x H x W and N")
 
 
+def offline_reason(dataset: str) -> str | None:
+    """None when a download server of `dataset` accepts a connection, else why not, within
+    PROBE_TIMEOUT_S (name resolution has no timeout of its own, hence the threads). With a proxy
+    configured the download itself decides."""
+    if any(os.environ.get(v) for v in _PROXY_VARS):
+        return None
+    errors: list[str] = []
+    reached = threading.Event()
+
+    def probe(host: str, port: int) -> None:
+        try:
+            socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S / 2).close()
+            reached.set()
+        except OSError as e:
+            errors.append(f"{host}: {e.strerror or e}")
+
+    threads = [threading.Thread(target=probe, args=hp, daemon=True) for hp in _MIRRORS[dataset]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(PROBE_TIMEOUT_S / len(threads))
+    if reached.is_set():
+        return None
+    return errors[0] if errors else f"no answer within {PROBE_TIMEOUT_S:.0f} s"
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float):
+    """torchvision opens URLs without a timeout: bound every socket operation while it downloads."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _remove_empty_dirs(path: str, stop: str) -> None:
+    """rmdir `path` and its parents up to (not including) `stop` while they are empty."""
+    stop = os.path.abspath(stop)
+    path = os.path.abspath(path)
+    while path.startswith(stop + os.sep):
+        try:
+            os.rmdir(path)
+        except OSError:
+            return
+        path = os.path.dirname(path)
+
+
 def _download_torchvision(dataset: str, data_dir: str, searched: list[str]) -> None:
+    advice = (f"place the four idx files ({', '.join(IDX_FILES.values())}, raw or .gz) in --data-dir, "
+              "or use --dataset digits, which needs no download")
+    reason = offline_reason(dataset)
+    if reason is not None:
+        raise UserError(f"{dataset} not found (searched {', '.join(searched)}) and it cannot be "
+                        f"downloaded: no network ({reason}); {advice}")
     import torchvision.datasets as tvd
 
     cls = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST}[dataset]
+    existed = os.path.isdir(data_dir)
     try:
-        for train in (True, False):
-            cls(data_dir, train=train, download=True)
+        with _socket_timeout(DOWNLOAD_TIMEOUT_S):
+            for train in (True, False):
+                cls(data_dir, train=train, download=True)
     except Exception as e:  # noqa: BLE001 - any download failure gets the same advice
+        # leave no empty folders behind (torchvision makes <data-dir>/<Name>/raw first)
+        _remove_empty_dirs(searched[-1], data_dir if existed else os.path.dirname(os.path.abspath(data_dir)))
         raise UserError(
             f"{dataset} not found (searched {', '.join(searched)}) and the download failed "
-            f"({type(e).__name__}); place the four idx files ({', '.join(IDX_FILES.values())}, raw "
-            "or .gz) in --data-dir, or use --dataset digits, which needs no download") from None
+            f"({type(e).__name__}); {advice}") from None
 
 
 # ---------------------------------------------------------------------------------- batching
@@ -259,15 +330,23 @@ def _raw_arrays(cfg) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _cifar10_arrays(data_dir: str):
+    folder = os.path.join(data_dir, "cifar-10-batches-py")
+    download = not os.path.isdir(folder)
+    reason = offline_reason("cifar10") if download else None
+    if reason is not None:
+        raise UserError(f"cifar10 not found in {folder} and it cannot be downloaded: no network ({reason}); "
+                        "extract cifar-10-python.tar.gz into --data-dir (it makes cifar-10-batches-py/), "
+                        "or use --dataset fake for a smoke test")
     import torchvision.datasets as tvd
 
-    folder = os.path.join(data_dir, "cifar-10-batches-py")
     try:
-        train = tvd.CIFAR10(data_dir, train=True, download=not os.path.isdir(folder))
+        with _socket_timeout(DOWNLOAD_TIMEOUT_S):
+            train = tvd.CIFAR10(data_dir, train=True, download=download)
         test = tvd.CIFAR10(data_dir, train=False, download=False)
     except Exception as e:  # noqa: BLE001
         raise UserError(
-            f"cifar10 not found in {folder} and the download failed ({type(e).__name__}: {e}); "
+            f"cifar10 not found in {folder} and the download failed ({type(e).__name__}: "
+            f"{(str(e).strip().splitlines() or [''])[0][:200]}); "
             "extract cifar-10-python.tar.gz into --data-dir (it makes cifar-10-batches-py/), "
             "or use --dataset fake for a smoke test") from None
     to_nchw = lambda a: np.ascontiguousarray(a.transpose(0, 3, 1, 2))  # noqa: E731
@@ -331,6 +410,8 @@ def load_data(cfg, device: torch.device, rank: int = 0, world: int = 1) -> Data:
     from models import is_mlp
 
     mean, std = _normalisation(cfg)
+    if not is_mlp(cfg.model) and len(mean) != in_shape[0]:
+        mean, std = _channel_stats(train_x)  # e.g. a CNN on 1-channel MNIST: the set's own statistics
     to_x = lambda a: torch.from_numpy(np.array(a, copy=True)).to(device)  # noqa: E731
     to_y = lambda a: torch.from_numpy(np.asarray(a, dtype=np.int64)).to(device)  # noqa: E731
     x_all, y_all = to_x(train_x), to_y(train_y)
@@ -367,6 +448,13 @@ def load_data(cfg, device: torch.device, rank: int = 0, world: int = 1) -> Data:
     val = make(x_all[val_idx], y_all[val_idx], False, eval_tf, cfg.eval_batch_size)
     test = make(x_test, y_test, False, eval_tf, cfg.eval_batch_size)
     return Data(train, val, test, num_classes, in_shape)
+
+
+def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std in [0, 1] units of (up to 10,000 of) uint8 N x C x H x W images."""
+    sample = images[:10_000].astype(np.float64) / 255
+    mean, std = sample.mean(axis=(0, 2, 3)), sample.std(axis=(0, 2, 3))
+    return tuple(float(m) for m in mean), tuple(float(max(s, 1e-3)) for s in std)
 
 
 def _normalisation(cfg):
