@@ -115,6 +115,7 @@ def prepare_out(cfg: Config, rt: Runtime) -> str | None:
             raise UserError(f"{out} holds an unfinished run; pass --resume to continue it, "
                             "or --overwrite to start again")
     if rt.main:
+        created = _missing_dirs(out)
         try:
             os.makedirs(out, exist_ok=True)
             probe = os.path.join(out, f".write-test.{os.getpid()}")
@@ -123,13 +124,33 @@ def prepare_out(cfg: Config, rt: Runtime) -> str | None:
             os.remove(probe)
         except OSError as e:
             raise UserError(f"cannot write to output folder {out} ({e.strerror}); choose another --out") from None
-        if cfg.overwrite and not cfg.resume:
-            for name in ("last.pt", "best.pt", "metrics.json", "history.csv"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(os.path.join(out, name))
+        finally:
+            for folder in created:  # made again by start_out once the run is known to start
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)
     if cfg.resume and os.path.isfile(last):
         return last
     return None
+
+
+def _missing_dirs(path: str) -> list[str]:
+    """The folders os.makedirs(path) would create, deepest first."""
+    missing, path = [], os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
+def start_out(cfg: Config, rt: Runtime) -> None:
+    """Once data, model and NSR layers have loaded: make the output folder and, with --overwrite,
+    only now remove the previous run (a run that fails to start leaves it as it was)."""
+    if rt.main:
+        os.makedirs(cfg.out, exist_ok=True)
+        if cfg.overwrite and not cfg.resume:
+            for name in ("last.pt", "best.pt", "metrics.json", "history.csv"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(cfg.out, name))
 
 
 def _read_json(path: str) -> dict:
@@ -210,6 +231,8 @@ class Trainer:
 
         model = build_model(cfg.model, self.data.num_classes, self.data.in_shape).to(rt.device)
         self.channels_last = channels_last(cfg, rt.device)
+        if rt.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest kernels once
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
@@ -490,6 +513,7 @@ def train(cfg: Config) -> dict:
             m = trainer.metrics(True)
             _print_summary(m, cfg, rt)
             return m
+    start_out(cfg, rt)
     if rt.main:
         _write_atomic(os.path.join(cfg.out, "config.yaml"), yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
