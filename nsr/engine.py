@@ -361,7 +361,8 @@ class Trainer:
             good = (f"the last good checkpoint {last} (end of epoch {self.pos.epoch}) is kept"
                     if os.path.isfile(last) else "no checkpoint was written yet")
             raise TrainingDiverged(f"loss became NaN or infinite in epoch {self.pos.epoch + 1}, {where}; "
-                                   f"{good}; lower --lr or --lambda")
+                                   f"{good}; lower --lr or --lambda and start again with --overwrite "
+                                   "(--resume needs the same settings)")
 
     @torch.no_grad()
     def evaluate(self, batches) -> tuple[float, float]:
