@@ -153,6 +153,19 @@ def start_out(cfg: Config, rt: Runtime) -> None:
                     os.remove(os.path.join(cfg.out, name))
 
 
+def load_resumable(path: str, cfg: Config, device) -> dict:
+    """Read a checkpoint and check that it continues this run (same settings)."""
+    state = load_checkpoint(path, map_location=device)
+    saved = state.get("config", {})
+    now = to_dict(cfg)
+    changed = [k for k in now if k not in RESUMABLE_CHANGES and k in saved and saved[k] != now[k]]
+    if changed:
+        diffs = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed[:4])
+        raise UserError(f"cannot resume {path}: settings differ from the saved run ({diffs}); "
+                        "resume with the same settings or start a new --out")
+    return state
+
+
 def _read_json(path: str) -> dict:
     try:
         with open(path) as f:
@@ -270,15 +283,9 @@ class Trainer:
         if self.rt.main:
             save_checkpoint(self.state(), os.path.join(self.cfg.out, name))
 
-    def restore(self, path: str) -> None:
-        state = load_checkpoint(path, map_location=self.rt.device)
-        saved = state.get("config", {})
-        now = to_dict(self.cfg)
-        changed = [k for k in now if k not in RESUMABLE_CHANGES and k in saved and saved[k] != now[k]]
-        if changed:
-            diffs = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed[:4])
-            raise UserError(f"cannot resume {path}: settings differ from the saved run ({diffs}); "
-                            "resume with the same settings or start a new --out")
+    def restore(self, path: str, state: dict | None = None) -> None:
+        if state is None:
+            state = load_resumable(path, self.cfg, self.rt.device)
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -507,9 +514,11 @@ def train(cfg: Config) -> dict:
     resume_from = prepare_out(cfg, rt)
     if cfg.resume and resume_from is None and rt.main and not cfg.quiet:
         print(f"no checkpoint in {cfg.out}; starting from scratch", file=sys.stderr)
+    # Before any data loads: a damaged checkpoint or a changed setting fails in seconds.
+    state = load_resumable(resume_from, cfg, rt.device) if resume_from else None
     trainer = Trainer(cfg, rt)
     if resume_from:
-        trainer.restore(resume_from)
+        trainer.restore(resume_from, state)
         if trainer.pos.epoch >= cfg.epochs and _read_json(os.path.join(cfg.out, "metrics.json")).get("finished"):
             m = trainer.metrics(True)
             _print_summary(m, cfg, rt)
