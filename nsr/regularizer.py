@@ -7,6 +7,8 @@ For each regularized layer l with weight lambda_l, and labels y of the current b
     loss_l = 1/(B*D) * sum_ij (z_ij - mu[y_i, j])**2          (gradients flow through z only)
 
 and the regularizer returns sum_l lambda_l * loss_l, to be added to the task loss.
+With active_only, class means and the loss use only entries z_ij > 0 (the loss is then the mean
+over the current batch's active entries, 0 when there is none).
 
 This file imports torch only: copy the `nsr/` package (or this file) into any project.
 """
@@ -22,28 +24,58 @@ from torch import nn
 
 __all__ = ["NeuronSteadiness", "ClassMeanMemory", "steadiness_loss"]
 
+_LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _masked_loss(z: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """mean((z - target)**2), or under a 0/1 mask sum(mask * (z - target)**2) / max(sum(mask), 1)."""
+    if mask is None:
+        # F.mse_loss's op without its Python-level broadcasting (the shapes are equal here):
+        # one op and one backward node. 1 is reduction="mean".
+        return torch._C._nn.mse_loss(z, target, 1)
+    diff = (z - target) * mask
+    # max(count, 1) keeps "no active entry" at 0 instead of 0/0, without a host sync.
+    return (diff * diff).sum() / mask.sum().clamp_min(1)
+
 
 def steadiness_loss(z: torch.Tensor, y: torch.Tensor, class_means: torch.Tensor,
                     active: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared distance of each response to its class mean.
 
-    z: B x D responses, y: B labels, class_means: C x D (treated as constants).
+    z: B x D responses, y: B labels, class_means: C x D (treated as constants, no gradient).
     active: optional B x D boolean mask; the mean is then over active entries only (0 if none).
     """
-    diff = z - class_means.detach().to(z.dtype).index_select(0, y)
-    sq = diff * diff
-    if active is None:
-        return sq.mean()
-    # Dividing by max(count, 1) keeps "no active entry" at 0 instead of 0/0, with no host sync.
-    return (sq * active).sum() / active.sum().clamp_min(1)
+    target = class_means.detach().to(z.dtype).index_select(0, y)
+    return _masked_loss(z, target, None if active is None else active.to(z.dtype))
+
+
+class _Hot:
+    """Plain references for the per-step path, so it makes no nn.Module attribute lookups."""
+
+    __slots__ = ("ring", "slots", "total", "sums", "counts", "zeros", "p", "width", "dtype", "device",
+                 "ones")
+
+    def __init__(self, ring: torch.Tensor, total: torch.Tensor, p: int, dim: int):
+        self.ring, self.slots, self.total, self.p = ring, ring.unbind(0), total, p
+        self.sums, self.counts = total[:, :dim], total[:, dim:]
+        self.width, self.dtype, self.device = total.shape[1], total.dtype, total.device
+        self.zeros = torch.zeros_like(total)  # the base of the out-of-place index_add into a slot
+        self.ones = None
 
 
 class ClassMeanMemory(nn.Module):
     """Per-class response sums and counts of the last K batches, kept as buffers.
 
-    A ring of K slots with a write pointer (MoCo's queue idea), plus running totals so a step
-    costs O(C*D) whatever K is. Totals are re-summed from the ring each time the pointer wraps,
-    so float rounding from add/subtract never accumulates past K steps.
+    Each row of width W is [sums of the D neurons | counts]: one count column, or D count columns
+    under active_only. Keeping sums and counts side by side lets one index_add gather a batch and
+    one add update the totals.
+
+    `ring` ((K + 1) x C x W) holds one slot per batch, `total` (C x W) the sum of the K newest,
+    `ptr` the free slot the next batch is written to (MoCo's queue idea, plus one spare slot).
+    A step writes the batch into the free slot (nothing else changes if its labels are invalid),
+    adds it to `total`, and subtracts the oldest slot, which becomes the next free one: O(C*W)
+    whatever K is. `total` is re-summed exactly from the ring each time the pointer wraps, so
+    float rounding from add/subtract never accumulates past K + 1 steps.
     Buffers are created on the first update (D is not known before), and by load_state_dict.
     """
 
@@ -52,80 +84,148 @@ class ClassMeanMemory(nn.Module):
         self.num_classes = num_classes
         self.queue_batches = queue_batches
         self.active_only = active_only
-        self._ptr = 0  # host copy of the pointer buffer: indexing with it never syncs
-        for name in ("ring_sums", "ring_counts", "sums", "counts", "ptr"):
+        self._hot = None  # remade whenever the buffers are (re)made or moved
+        for name in ("ring", "total", "ptr"):
             self.register_buffer(name, None)  # allocated lazily
 
     @property
     def initialized(self) -> bool:
-        return self.sums is not None
+        return self.total is not None
 
-    def _allocate(self, dim: int, dtype: torch.dtype, device: torch.device) -> None:
-        K, C = self.queue_batches, self.num_classes
-        count_shape = (C, dim) if self.active_only else (C,)
-        self.register_buffer("ring_sums", torch.zeros(K, C, dim, dtype=dtype, device=device))
-        self.register_buffer("ring_counts", torch.zeros(K, *count_shape, dtype=dtype, device=device))
-        self.register_buffer("sums", torch.zeros(C, dim, dtype=dtype, device=device))
-        self.register_buffer("counts", torch.zeros(*count_shape, dtype=dtype, device=device))
-        self.register_buffer("ptr", torch.zeros((), dtype=torch.long, device=device))
-        self._ptr = 0
+    def _width_to_dim(self, width: int) -> int:
+        return width // 2 if self.active_only else width - 1
 
-    def batch_statistics(self, z: torch.Tensor, y: torch.Tensor,
-                         active: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-class sums (C x D) and counts (C, or C x D when active_only) of detached z."""
-        C = self.num_classes
-        z = z.detach()
-        if active is None:
-            sums = z.new_zeros(C, z.shape[1]).index_add_(0, y, z)
-            counts = z.new_zeros(C).index_add_(0, y, z.new_ones(y.shape[0]))
-        else:
-            mask = active.to(z.dtype)
-            sums = z.new_zeros(C, z.shape[1]).index_add_(0, y, z * mask)
-            counts = z.new_zeros(C, z.shape[1]).index_add_(0, y, mask)
-        return sums, counts
+    @property
+    def dim(self) -> int:
+        """D, the number of neurons (0 before the first update)."""
+        return self._width_to_dim(self.total.shape[1]) if self.initialized else 0
 
-    @torch.no_grad()
-    def push(self, sums: torch.Tensor, counts: torch.Tensor) -> None:
-        """Write one batch's statistics into the ring, replacing the oldest slot."""
-        if not self.initialized:
-            self._allocate(sums.shape[1], sums.dtype, sums.device)
-        elif sums.shape[1] != self.sums.shape[1]:
-            raise ValueError(
-                f"layer output changed width from {self.sums.shape[1]} to {sums.shape[1]} neurons; "
-                "NSR memory needs a fixed response size (use per_channel=True for varying spatial size)")
-        p = self._ptr
-        self.sums.sub_(self.ring_sums[p]).add_(sums)
-        self.counts.sub_(self.ring_counts[p]).add_(counts)
-        self.ring_sums[p].copy_(sums)
-        self.ring_counts[p].copy_(counts)
-        p = (p + 1) % self.queue_batches
-        if p == 0:  # exact re-sum once per lap: O(K*C*D) every K steps is O(C*D) per step
-            torch.sum(self.ring_sums, dim=0, out=self.sums)
-            torch.sum(self.ring_counts, dim=0, out=self.counts)
-        self._ptr = p
-        self.ptr.fill_(p)
+    @property
+    def sums(self) -> torch.Tensor:
+        """C x D summed responses of the last K batches (a view of `total`)."""
+        return self.total[:, :self.dim]
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """Counts over the last K batches: C (samples per class), or C x D under active_only."""
+        c = self.total[:, self.dim:]
+        return c if self.active_only else c[:, 0]
 
     def means(self) -> torch.Tensor:
-        counts = self.counts if self.active_only else self.counts.unsqueeze(1)
-        return self.sums / counts.clamp_min(1)
+        """C x D class means (0 for a class, or a class and neuron, with nothing counted)."""
+        return self.sums / self.total[:, self.dim:].clamp_min(1)
+
+    def _refresh(self) -> None:
+        if self.total is None:
+            self._hot = None
+            return
+        p = self._hot.p if self._hot is not None else int(self.ptr) % (self.queue_batches + 1)
+        self._hot = _Hot(self.ring, self.total, p, self.dim)
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .double(), ...: buffers are new tensors
+        result = super()._apply(fn, *args, **kwargs)
+        self._refresh()
+        return result
+
+    def _allocate(self, width: int, dtype: torch.dtype, device: torch.device) -> None:
+        K, C = self.queue_batches, self.num_classes
+        self.register_buffer("ring", torch.zeros(K + 1, C, width, dtype=dtype, device=device))
+        self.register_buffer("total", torch.zeros(C, width, dtype=dtype, device=device))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long, device=device))
+        self._hot = None
+        self._refresh()
+
+    def augment(self, z: torch.Tensor) -> torch.Tensor:
+        """B x W rows [z | 1], or [z * (z > 0) | (z > 0)] under active_only.
+
+        Call it with detached z, or with gradients disabled (NeuronSteadiness does the latter).
+        """
+        if self.active_only:
+            return torch.cat([z.relu(), (z > 0).to(z.dtype)], dim=1)  # relu(z) == z * (z > 0)
+        hot = self._hot
+        ones = hot.ones if hot is not None else None
+        if ones is None or ones.shape[0] != z.shape[0] or ones.dtype != z.dtype or ones.device != z.device:
+            ones = z.new_ones(z.shape[0], 1)
+            if hot is not None:
+                hot.ones = ones
+        return torch.cat([z, ones], dim=1)
+
+    def batch_statistics(self, rows: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """C x W per-class sums of `augment` rows (to all-reduce before `push`)."""
+        return rows.new_zeros(self.num_classes, rows.shape[1]).index_add_(0, y, rows)
+
+    def _prepare(self, rows: torch.Tensor) -> _Hot:
+        width, dtype, device = rows.shape[1], rows.dtype, rows.device
+        if self.total is None:
+            self._allocate(width, dtype, device)
+        elif self.total.shape[1] != width:
+            raise ValueError(
+                f"layer output changed width from {self.dim} to {self._width_to_dim(width)} neurons; "
+                "NSR memory needs a fixed response size (use per_channel=True for varying spatial size)")
+        elif self.total.device != device or self.total.dtype != dtype:
+            self.to(device=device, dtype=dtype)  # e.g. loaded on CPU, used on GPU
+        return self._hot
+
+    @torch.no_grad()
+    def push(self, rows: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        """Enter one batch as the newest of the K, dropping the oldest.
+
+        rows: `augment` rows with their labels y, or (y=None) C x W `batch_statistics`.
+        With labels, an index error (a label outside [0, C)) leaves the memory as it was.
+        """
+        self._push(rows, y)
+
+    def _push(self, rows: torch.Tensor, y: torch.Tensor | None) -> None:  # push, gradients off
+        hot = self._hot
+        if hot is None or hot.width != rows.shape[1] or hot.dtype != rows.dtype or hot.device != rows.device:
+            hot = self._prepare(rows)
+        p, total, slots = hot.p, hot.total, hot.slots
+        slot = slots[p]
+        if y is None:
+            slot.copy_(rows)
+        else:  # slot = 0 + per-class sums of rows: one call, and it checks every label's range
+            torch.index_add(hot.zeros, 0, y, rows, out=slot)
+        p = (p + 1) % (self.queue_batches + 1)  # the oldest of the window: the next free slot
+        if self.queue_batches == 1:
+            total.copy_(slot)
+        elif p == 0:  # exact re-sum once per lap: O(K*C*W) every K + 1 steps is O(C*W) per step
+            slots[0].zero_()
+            torch.sum(hot.ring, dim=0, out=total)
+        else:
+            total.add_(slot).sub_(slots[p])
+        hot.p = p  # the pointer lives on the host; the `ptr` buffer gets it in state_dict()
+
+    def means_of(self, y: torch.Tensor) -> torch.Tensor:
+        """B x D: the class mean of each label of the batch just pushed."""
+        hot = self._hot
+        if self.active_only:  # a (class, neuron) of the batch may have no active entry: 0, not 0/0
+            return (hot.sums / hot.counts.clamp_min(1)).index_select(0, y)
+        # Without active_only each label of the batch was just counted, so its count is >= 1;
+        # other classes may divide by 0, but they are not selected.
+        return (hot.sums / hot.counts).index_select(0, y)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self._hot is not None:
+            self.ptr.fill_(self._hot.p)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        key = prefix + "ring_sums"
+        key = prefix + "ring"
         if key in state_dict:
             saved = state_dict[key]
-            K, C, D = saved.shape
-            if (K, C) != (self.queue_batches, self.num_classes):
+            slots, C, W = saved.shape
+            if (slots, C) != (self.queue_batches + 1, self.num_classes):
                 error_msgs.append(
-                    f"NSR memory {prefix!r} was saved with queue_batches={K}, num_classes={C}; "
+                    f"NSR memory {prefix!r} was saved with queue_batches={slots - 1}, num_classes={C}; "
                     f"this regularizer has queue_batches={self.queue_batches}, num_classes={self.num_classes}")
                 return
-            device = self.sums.device if self.initialized else saved.device
-            self._allocate(D, saved.dtype, device)
+            device = self.total.device if self.initialized else saved.device
+            self._allocate(W, saved.dtype, device)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        if self.initialized:
-            self._ptr = int(self.ptr)
+        self._hot = None
+        self._refresh()  # the pointer comes from the loaded `ptr` buffer
 
 
 def _resolve_layer_names(model: nn.Module, names: Iterable[str]) -> list[tuple[str, nn.Module]]:
@@ -158,8 +258,10 @@ class NeuronSteadiness(nn.Module):
     active_only: class means and loss use only entries > 0 (the original code's ReLU layers).
     per_channel: average N x C x H x W outputs over H, W first, so each channel is one neuron.
     sync: all-reduce batch statistics across ranks; default: when torch.distributed is initialised.
-    check_labels: validate label values ("auto": every call on CPU, first call elsewhere, since
-        reading values from an accelerator forces a host sync).
+    check_labels: range-check label values. "auto": every call on CPU (the index_add that enters
+        the batch into memory checks them anyway, so this costs nothing), on the first call only
+        on accelerators, where reading values forces a host sync. True: every call, everywhere.
+        False: never on accelerators. Shape and dtype of the labels are always checked.
     """
 
     def __init__(self, model: nn.Module, layers: Mapping[str, float] | Iterable[str],
@@ -173,9 +275,9 @@ class NeuronSteadiness(nn.Module):
             layers = {name: lam for name in layers}
         if not layers:
             raise ValueError("NSR needs at least one layer name, e.g. layers={'out': 0.5}")
-        if not isinstance(num_classes, int) or num_classes < 1:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-        if not isinstance(queue_batches, int) or queue_batches < 1:
+        if isinstance(queue_batches, bool) or not isinstance(queue_batches, int) or queue_batches < 1:
             raise ValueError(f"queue_batches (K) must be a positive integer, got {queue_batches!r}")
         for name, weight in layers.items():
             weight = float(weight)
@@ -194,6 +296,7 @@ class NeuronSteadiness(nn.Module):
         self.names = list(self.lambdas)
         self.memories = nn.ModuleList(
             ClassMeanMemory(num_classes, queue_batches, active_only) for _ in self.names)
+        self._layers = [(name, self.lambdas[name], memory) for name, memory in zip(self.names, self.memories)]
         self.last: dict[str, torch.Tensor] = {}
         self._captured: dict[str, torch.Tensor] = {}
         self._labels_checked = False
@@ -203,6 +306,8 @@ class NeuronSteadiness(nn.Module):
             self._handles.append(module.register_forward_hook(self._make_hook(name)))
 
     def _make_hook(self, name: str):
+        captured = self._captured
+
         def hook(module, inputs, output):
             if not module.training:
                 return
@@ -210,7 +315,7 @@ class NeuronSteadiness(nn.Module):
                 output = output[0]
             if not isinstance(output, torch.Tensor):
                 raise TypeError(f"NSR layer {name!r} returned {type(output).__name__}, not a tensor")
-            self._captured[name] = output
+            captured[name] = output
         return hook
 
     def remove(self) -> None:
@@ -221,11 +326,18 @@ class NeuronSteadiness(nn.Module):
         self._captured.clear()
 
     def _responses(self, output: torch.Tensor) -> torch.Tensor:
-        if self.per_channel and output.dim() > 2:
-            output = output.flatten(2).mean(dim=2)
+        dim = output.dim()
+        if dim < 2:
+            raise ValueError(f"NSR needs layer outputs of shape (batch, ...), got {tuple(output.shape)}")
         # Statistics and the loss in at least float32, also under bf16/fp16 autocast.
-        dtype = torch.promote_types(output.dtype, torch.float32)
-        return output.flatten(1).to(dtype)
+        dtype = output.dtype
+        if dtype is not torch.float32 and dtype is not torch.float64:
+            dtype = torch.promote_types(dtype, torch.float32)
+        if dim > 2:
+            if self.per_channel:
+                return output.flatten(2).mean(dim=2, dtype=dtype)
+            output = output.flatten(1)
+        return output if output.dtype is dtype else output.to(dtype)
 
     def _check_labels(self, y: torch.Tensor, batch: int) -> None:
         if not isinstance(y, torch.Tensor):
@@ -233,14 +345,20 @@ class NeuronSteadiness(nn.Module):
         if y.dim() != 1 or y.shape[0] != batch:
             raise ValueError(f"NSR labels must have shape ({batch},) to match the batch the layers saw, "
                              f"got {tuple(y.shape)}")
-        if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        if y.dtype not in _LABEL_DTYPES:
             raise ValueError(f"NSR labels must be an integer tensor of class indices, got {y.dtype}")
-        if self.check_labels is True or (self.check_labels == "auto" and
-                                         (y.device.type == "cpu" or not self._labels_checked)):
-            if batch and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
-                raise ValueError(f"NSR labels must lie in [0, {self.num_classes}), got values in "
-                                 f"[{int(y.min())}, {int(y.max())}]")
+        check = self.check_labels
+        if check is True or (check == "auto" and not self._labels_checked and y.device.type != "cpu"):
+            # Reading values from an accelerator is a host sync: "auto" does it on the first call
+            # only. On CPU, the index_add that enters the batch into memory checks every label.
+            self._raise_if_out_of_range(y)
             self._labels_checked = True
+
+    def _raise_if_out_of_range(self, y: torch.Tensor) -> None:
+        if y.numel():
+            lo, hi = (int(v) for v in torch.aminmax(y))
+            if lo < 0 or hi >= self.num_classes:
+                raise ValueError(f"NSR labels must lie in [0, {self.num_classes}), got values in [{lo}, {hi}]")
 
     def _sync_enabled(self) -> bool:
         if self.sync is not None:
@@ -249,40 +367,58 @@ class NeuronSteadiness(nn.Module):
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         """The weighted NSR term for the last forward pass, given its labels."""
-        missing = [n for n in self.names if n not in self._captured]
-        if missing:
+        captured, layers = self._captured, self._layers
+        if len(captured) != len(layers):
+            missing = [name for name, _, _ in layers if name not in captured]
             raise ValueError(f"NSR found no captured output for layer(s) {missing}: call the model "
                              "in training mode (model.train()) before each reg(y), once per step")
-        outputs = [self._captured.pop(n) for n in self.names]
-        batch = outputs[0].shape[0]
-        self._check_labels(y, batch)
-        y = y.to(device=outputs[0].device, dtype=torch.long)
+        outputs = [captured.pop(name) for name, _, _ in layers]  # drop the references right away
+        zs = [self._responses(output) for output in outputs]
+        first = zs[0]
+        self._check_labels(y, first.shape[0])
+        if y.dtype is not torch.int64 or y.device != first.device:
+            y = y.to(device=first.device, dtype=torch.long)
 
-        responses, stats = [], []
-        for output, memory in zip(outputs, self.memories):
-            z = self._responses(output)
-            active = (z > 0) if self.active_only else None
-            responses.append((z, active))
-            stats.append(memory.batch_statistics(z, y, active))
-        if self._sync_enabled():
-            # One all-reduce for all layers: every rank then holds identical memories.
-            tensors = [t for pair in stats for t in pair]
-            flat = torch.cat([t.reshape(-1) for t in tensors])
-            dist.all_reduce(flat)
-            pieces = iter(p.view_as(t) for p, t in zip(flat.split([t.numel() for t in tensors]), tensors))
-            stats = [(next(pieces), next(pieces)) for _ in stats]
+        grad_mode = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)  # the memory sees detached responses (no detach ops)
+        try:
+            rows = [memory.augment(z) for z, (_, _, memory) in zip(zs, layers)]
+            if self._sync_enabled():
+                self._push_synced(rows, y)
+            else:
+                for r, (_, _, memory) in zip(rows, layers):
+                    memory._push(r, y)
+        except (IndexError, RuntimeError) as error:
+            # A label outside [0, C)? The failed index_add wrote only scratch space.
+            self._raise_if_out_of_range(y.cpu())
+            raise error
+        finally:
+            torch._C._set_grad_enabled(grad_mode)
 
         total = None
-        self.last = {}
-        for name, (z, active), (sums, counts), memory in zip(self.names, responses, stats, self.memories):
-            if memory.initialized and memory.sums.device != z.device:
-                memory.to(z.device)
-            memory.push(sums, counts)
-            loss = steadiness_loss(z, y, memory.means(), active)
-            self.last[name] = loss.detach()
-            term = self.lambdas[name] * loss
-            total = term if total is None else total + term
+        last = {}
+        active_only = self.active_only
+        for z, r, (name, lam, memory) in zip(zs, rows, layers):
+            mask = r[:, z.shape[1]:] if active_only else None  # the (z > 0) columns, as 0/1
+            loss = _masked_loss(z, memory.means_of(y), mask)
+            weighted = loss * lam
+            last[name] = loss.detach()
+            total = weighted if total is None else total + weighted
+        self.__dict__["last"] = last  # a plain attribute: skip nn.Module.__setattr__'s checks
         return total
+
+    def _push_synced(self, rows: list[torch.Tensor], y: torch.Tensor) -> None:
+        """Per-class statistics of the local batch, one all-reduce for all layers: every rank then
+        enters the same global batch statistics and holds identical memories."""
+        memories = [memory for _, _, memory in self._layers]
+        stats = [memory.batch_statistics(r, y) for r, memory in zip(rows, memories)]
+        dtype = stats[0].dtype
+        for st in stats[1:]:
+            dtype = torch.promote_types(dtype, st.dtype)
+        flat = torch.cat([st.reshape(-1).to(dtype) for st in stats])
+        dist.all_reduce(flat)
+        for piece, st, memory in zip(flat.split([st.numel() for st in stats]), stats, memories):
+            memory._push(piece.view_as(st).to(st.dtype), None)
 
     def class_means(self, name: str | None = None) -> torch.Tensor:
         """Current class means (C x D) of a layer (the first one by default)."""

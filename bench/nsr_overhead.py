@@ -1,0 +1,158 @@
+"""How much does NSR add to a training step?  A script, not a test:
+
+    .venv/bin/python bench/nsr_overhead.py [--rounds 15] [--steps 40] [--skip-resnet]
+
+Each variant trains its own copy of the same model on the same fixed batches (forward, cross
+entropy, backward, SGD step). Variants are interleaved round by round, each round timing `steps`
+consecutive steps with time.perf_counter; the table shows per-step medians over rounds and the
+ratio to the plain step.
+
+Variants
+  plain     cross entropy only
+  nsr       cross entropy + NeuronSteadiness(model, {layer: lam}, C, queue_batches=K)(y)
+  floor     cross entropy + lam * mean((z - mu[y])**2) with mu a fixed tensor: the bare loss
+            expression, i.e. what NSR costs with no memory at all
+  original  the original code's approach: a Python list of the last K detached batches,
+            torch.stack over it and a scatter-mean every step (MLP only)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from models import build_model  # noqa: E402
+from nsr import NeuronSteadiness  # noqa: E402
+
+
+def output_of(model, layer):
+    """A forward hook storing `layer`'s output in a one-slot dict (for floor/original)."""
+    box = {}
+    dict(model.named_modules())[layer].register_forward_hook(lambda m, i, o: box.__setitem__("z", o))
+    return box
+
+
+class OriginalQueue:
+    """The original implementation's memory: last K detached batches, re-stacked every step."""
+
+    def __init__(self, num_classes, K):
+        self.C, self.K, self.zs, self.ys = num_classes, K, [], []
+
+    def __call__(self, z, y):
+        z = z.flatten(1)
+        self.zs.append(z.detach())
+        self.ys.append(y)
+        if len(self.zs) > self.K:
+            self.zs.pop(0)
+            self.ys.pop(0)
+        Z = torch.stack(self.zs).flatten(0, 1)
+        Y = torch.stack(self.ys).flatten()
+        sums = Z.new_zeros(self.C, Z.shape[1]).scatter_add_(0, Y[:, None].expand_as(Z), Z)
+        counts = torch.bincount(Y, minlength=self.C).to(Z.dtype).clamp_min(1)
+        means = sums / counts[:, None]
+        return ((z - means[y]) ** 2).mean()
+
+
+def make_variant(kind, name, C, shape, layer, lam, K, seed=0):
+    torch.manual_seed(seed)
+    model = build_model(name, C, shape)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    if kind == "plain":
+        extra = None
+    elif kind == "nsr":
+        reg = NeuronSteadiness(model, {layer: lam}, C, queue_batches=K)
+        extra = lambda y: reg(y)  # noqa: E731
+    elif kind == "floor":
+        box = output_of(model, layer)
+        mu = torch.randn(C, dict(model.named_modules())[layer].out_features)  # a Linear layer
+        extra = lambda y: lam * F.mse_loss(box["z"].flatten(1), mu.index_select(0, y))  # noqa: E731
+    elif kind == "original":
+        box = output_of(model, layer)
+        queue = OriginalQueue(C, K)
+        extra = lambda y: lam * queue(box["z"], y)  # noqa: E731
+    else:
+        raise ValueError(kind)
+
+    def step(x, y):
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        if extra is not None:
+            loss = loss + extra(y)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def bench(title, name, C, shape, batch, layer, lam, K, kinds, rounds, steps, warmup):
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(batch, *shape, generator=g), torch.randint(0, C, (batch,), generator=g))
+            for _ in range(8)]
+    variants = {k: make_variant(k, name, C, shape, layer, lam, K) for k in kinds}
+    for step in variants.values():
+        for i in range(warmup):
+            step(*data[i % len(data)])
+    times = {k: [] for k in kinds}
+    for r in range(rounds):
+        order = kinds if r % 2 == 0 else kinds[::-1]  # alternate the order: no position bias
+        for k in order:
+            step = variants[k]
+            t0 = time.perf_counter()
+            for i in range(steps):
+                step(*data[i % len(data)])
+            times[k].append((time.perf_counter() - t0) / steps)
+    base = statistics.median(times["plain"])
+    print(f"\n{title}: batch {batch}, NSR on {layer!r}, K={K}, {rounds} rounds x {steps} steps, "
+          f"{torch.get_num_threads()} threads")
+    print(f"  {'variant':<10} {'median ms/step':>15} {'min':>8} {'max':>8} {'+us/step':>9} {'ratio':>7}")
+    ratios = {}
+    for k in kinds:
+        med = statistics.median(times[k])
+        # Ratio per round (each round times every variant back to back), then the median of those.
+        ratios[k] = statistics.median(t / b for t, b in zip(times[k], times["plain"]))
+        print(f"  {k:<10} {med * 1e3:>15.3f} {min(times[k]) * 1e3:>8.3f} {max(times[k]) * 1e3:>8.3f} "
+              f"{(med - base) * 1e6:>9.1f} {ratios[k]:>6.3f}x")
+    print("  ratio: median over rounds of (variant time / plain time of the same round); "
+          f"ratio of medians for nsr: {statistics.median(times['nsr']) / base:.3f}x")
+    return ratios
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--resnet-steps", type=int, default=4)
+    p.add_argument("--resnet-rounds", type=int, default=9)
+    p.add_argument("--skip-resnet", action="store_true")
+    args = p.parse_args()
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load > 0.5:
+        print(f"warning: load average {load:.1f} before starting: other processes share the CPUs, "
+              "so the timings are noisy")
+
+    r = bench("MLP-4 784-256-100-10", "mlp4", 10, (1, 28, 28), 100, "out", 7.4865, 5,
+              ["plain", "nsr", "floor", "original"], args.rounds, args.steps, warmup=20)
+    print(f"  MLP-4 NSR overhead: {r['nsr']:.3f}x (target <= 1.10); "
+          f"original approach {r['original']:.3f}x; bare loss floor {r['floor']:.3f}x")
+
+    if not args.skip_resnet:
+        try:
+            r = bench("ResNet-18 CIFAR 3x32x32", "resnet18", 10, (3, 32, 32), 32, "fc", 1.0, 5,
+                      ["plain", "nsr", "floor"], args.resnet_rounds, args.resnet_steps, warmup=2)
+            print(f"  ResNet-18 NSR overhead: {r['nsr']:.3f}x (target <= 1.02)")
+        except ImportError as exc:
+            print(f"\nResNet-18 skipped: {exc}")
+
+
+if __name__ == "__main__":
+    main()

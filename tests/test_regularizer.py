@@ -1,0 +1,526 @@
+"""NeuronSteadiness against an independent, deliberately naive reference.
+
+The reference (`naive_*` below) is written from the definition, not from nsr/regularizer.py:
+explicit Python loops over classes, samples and neurons in float64, a plain list as the memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import io
+import math
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.mlp import MLP
+from nsr import NeuronSteadiness, steadiness_loss
+
+C = 5
+
+
+# ---------------------------------------------------------------- the naive reference
+
+
+def naive_class_means(memory, num_classes, dim, active_only):
+    """memory: list of (z rows as lists of floats, labels as ints) for the last K batches."""
+    means = [[0.0] * dim for _ in range(num_classes)]
+    for c in range(num_classes):
+        for j in range(dim):
+            total, count = 0.0, 0
+            for rows, labels in memory:
+                for row, label in zip(rows, labels):
+                    if label != c:
+                        continue
+                    if active_only and not row[j] > 0:
+                        continue
+                    total += row[j]
+                    count += 1
+            means[c][j] = total / count if count else 0.0
+    return means
+
+
+def naive_loss(z, labels, means, active_only):
+    """z: B x D float64 tensor (with grad); the loss as a sum of scalar terms, built by loops."""
+    B, D = z.shape
+    terms, n = [], 0
+    for i in range(B):
+        for j in range(D):
+            if active_only and not z[i, j].item() > 0:
+                continue
+            terms.append((z[i, j] - means[labels[i]][j]) ** 2)
+            n += 1
+    if not terms:
+        return z.sum() * 0.0
+    return sum(terms) / (n if active_only else B * D)
+
+
+def naive_responses(output, per_channel):
+    """B x D rows; per_channel: each channel's mean over its H x W positions, by a loop over samples."""
+    if per_channel and output.dim() > 2:
+        rows = []
+        for i in range(output.shape[0]):
+            rows.append(torch.stack([output[i, c].sum() / output[i, c].numel()
+                                     for c in range(output.shape[1])]))
+        return torch.stack(rows)
+    return output.reshape(output.shape[0], -1)
+
+
+class SmallNet(nn.Module):
+    """conv -> relu (named 'act', a B x 3 x 6 x 6 map) -> conv -> linear 'head' (B x C)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 3, 3)
+        self.act = nn.ReLU()
+        self.conv2 = nn.Conv2d(3, 2, 3)
+        self.head = nn.Linear(2 * 4 * 4, C)
+
+    def forward(self, x):
+        return self.head(self.conv2(self.act(self.conv1(x))).flatten(1))
+
+
+def capture(model, names):
+    box = {}
+    modules = dict(model.named_modules())
+    handles = [modules[n].register_forward_hook(lambda m, i, o, n=n: box.__setitem__(n, o)) for n in names]
+    return box, handles
+
+
+# Batches of varying size, each with only some classes: the memory must handle absent classes.
+BATCH_CLASSES = [[0, 1], [1, 2, 3], [0, 3, 4], [2], [0, 1, 2, 3, 4], [4, 1]]
+BATCH_SIZES = [6, 5, 7, 3, 8, 4]
+
+
+def batches(seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for classes, size in zip(BATCH_CLASSES, BATCH_SIZES):
+        x = torch.randn(size, 2, 8, 8, generator=g, dtype=dtype)
+        pick = torch.randint(0, len(classes), (size,), generator=g)
+        out.append((x, torch.tensor(classes)[pick]))
+    return out
+
+
+@pytest.mark.parametrize("K,active_only,per_channel", [
+    (1, False, False), (3, False, False), (3, True, False), (3, False, True), (1, True, True),
+    (3, True, True), (10, False, True)])
+def test_matches_naive_reference(K, active_only, per_channel):
+    torch.manual_seed(0)
+    model = SmallNet().double()
+    lams = {"act": 0.7, "head": 2.5}
+    reg = NeuronSteadiness(model, lams, num_classes=C, queue_batches=K, active_only=active_only,
+                           per_channel=per_channel)
+    box, _ = capture(model, list(lams))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    history = {name: [] for name in lams}
+    params = list(model.parameters())
+    for x, y in batches():
+        out = model(x)
+        loss = F.cross_entropy(out, y) * 0.1 + reg(y)
+
+        ref_total = F.cross_entropy(out, y) * 0.1
+        labels = y.tolist()
+        for name, lam in lams.items():
+            z = naive_responses(box[name], per_channel)
+            history[name].append((z.detach().tolist(), labels))
+            memory = history[name][-K:]
+            means = naive_class_means(memory, C, z.shape[1], active_only)
+            ref = naive_loss(z, labels, means, active_only)
+            assert reg.last[name].item() == pytest.approx(ref.item(), rel=1e-9, abs=1e-12)
+            got_means = reg.class_means(name)
+            assert torch.allclose(got_means, torch.tensor(means, dtype=got_means.dtype), atol=1e-9)
+            ref_total = ref_total + lam * ref
+        assert loss.item() == pytest.approx(ref_total.item(), rel=1e-9, abs=1e-12)
+        got = torch.autograd.grad(loss, params, retain_graph=True)
+        want = torch.autograd.grad(ref_total, params, retain_graph=True)
+        for g, w in zip(got, want):
+            assert torch.allclose(g, w, rtol=1e-6, atol=1e-9), (g - w).abs().max()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()  # responses change from step to step
+
+
+def test_float32_model_matches_float64_reference():
+    torch.manual_seed(1)
+    model = MLP(6, [5], 4)
+    reg = NeuronSteadiness(model, ["fc1", "out"], num_classes=4, queue_batches=2, lam=0.3)
+    box, _ = capture(model, ["fc1", "out"])
+    hist = {"fc1": [], "out": []}
+    g = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        x, y = torch.randn(9, 6, generator=g), torch.randint(0, 4, (9,), generator=g)
+        model(x)
+        total = reg(y)
+        assert total.dtype == torch.float32
+        ref = 0.0
+        for name in hist:
+            z = box[name].detach().double()
+            hist[name].append((z.tolist(), y.tolist()))
+            ref += 0.3 * naive_loss(z, y.tolist(), naive_class_means(hist[name][-2:], 4, z.shape[1], False),
+                                    False).item()
+        assert total.item() == pytest.approx(ref, rel=1e-5)
+
+
+# ---------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_gradcheck_steadiness_loss(masked):
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(7, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    y = torch.tensor([0, 2, 2, 1, 0, 2, 1])
+    means = torch.randn(3, 4, dtype=torch.float64, generator=g)
+    active = (z.detach() > 0) if masked else None
+    assert torch.autograd.gradcheck(lambda t: steadiness_loss(t, y, means, active), (z,))
+
+    # The value, against the definition.
+    value = steadiness_loss(z, y, means, active).item()
+    terms = [(z[i, j].item() - means[y[i], j].item()) ** 2 for i in range(7) for j in range(4)
+             if not masked or z[i, j].item() > 0]
+    assert value == pytest.approx(sum(terms) / (len(terms) if masked else 28), rel=1e-12)
+
+
+def test_steadiness_loss_means_are_constants_and_no_active_entry_gives_zero():
+    z = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    means = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 1, 1, 0])
+    steadiness_loss(z, y, means).backward()
+    assert means.grad is None and z.grad is not None
+
+    none_active = torch.zeros(4, 3, dtype=torch.bool)
+    z.grad = None
+    loss = steadiness_loss(z, y, means, none_active)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(z.grad, torch.zeros_like(z))
+
+    # Same through the regularizer: all responses <= 0 with active_only gives 0, not NaN.
+    model = nn.Sequential(nn.Linear(3, 2), nn.ReLU())
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)
+    reg = NeuronSteadiness(model, {"1": 1.0}, num_classes=2, active_only=True)
+    model(torch.randn(5, 3))
+    out = reg(torch.tensor([0, 1, 0, 1, 1]))
+    assert out.item() == 0.0 and not torch.isnan(reg.class_means("1")).any()
+
+
+def test_nsr_term_alone_trains_the_layers_below():
+    """CE weight 0: only the NSR term on `out` can move fc1/fc2 (the original code's bug: it never did)."""
+    torch.manual_seed(0)
+    model = MLP(12, [8, 6], 3)
+    reg = NeuronSteadiness(model, {"out": 1.0}, num_classes=3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(16, 12), torch.arange(16) % 3
+    loss = 0.0 * F.cross_entropy(model(x), y) + reg(y)
+    assert loss.item() > 0
+    loss.backward()
+    for name in ("fc1.weight", "fc2.weight", "out.weight"):
+        assert model.get_parameter(name).grad.abs().sum() > 0, name
+    opt.step()
+    for name in ("fc1.weight", "fc1.bias", "fc2.weight"):
+        assert not torch.equal(before[name], model.get_parameter(name).detach()), name
+    # And it does what it says: the responses move towards their class means.
+    model(x)
+    assert reg(y).item() < loss.item()
+
+
+def test_bf16_autocast_gives_float32_finite_term():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+    reg = NeuronSteadiness(model, {"0": 0.5, "3": 1.0}, num_classes=10, queue_batches=2,
+                           per_channel=True)
+    for _ in range(3):
+        x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(x)
+            assert logits.dtype == torch.bfloat16  # autocast really is on
+            term = reg(y)
+            loss = F.cross_entropy(logits, y) + term
+        assert term.dtype == torch.float32 and torch.isfinite(term)
+        assert all(v.dtype == torch.float32 for v in reg.last.values())
+        assert all(b.dtype == torch.float32 for n, b in reg.named_buffers() if not n.endswith("ptr"))
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# ---------------------------------------------------------------- state
+
+
+def _train_steps(model, reg, data):
+    losses = []
+    for x, y in data:
+        model(x)
+        out = reg(y)
+        losses.append((out.item(), {k: v.item() for k, v in reg.last.items()}))
+    return losses
+
+
+@pytest.mark.parametrize("steps_before", [0, 1, 4, 6])
+def test_state_dict_round_trip_continues_exactly(steps_before):
+    torch.manual_seed(0)
+    model = SmallNet().double()
+    kwargs = dict(num_classes=C, queue_batches=3, per_channel=True, active_only=True)
+    reg = NeuronSteadiness(model, {"act": 0.5, "head": 1.5}, **kwargs)
+    data = batches(seed=5)
+    _train_steps(model, reg, data[:steps_before])
+
+    buf = io.BytesIO()
+    torch.save(reg.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+
+    model2 = copy.deepcopy(model)
+    reg2 = NeuronSteadiness(model2, {"act": 0.5, "head": 1.5}, **kwargs)
+    reg2.load_state_dict(state)
+    rest = data[steps_before:] + batches(seed=6)
+    assert _train_steps(model2, reg2, rest) == _train_steps(model, reg, rest)  # bit for bit
+    if steps_before:
+        assert set(state) == {f"memories.{i}.{b}" for i in range(2) for b in ("ring", "total", "ptr")}
+        assert int(state["memories.0.ptr"]) == steps_before % 4  # K + 1 slots: K batches + a free one
+    else:
+        assert state == {}
+
+
+def test_state_dict_from_another_configuration_is_refused():
+    model = MLP(4, [3], 2)
+    reg = NeuronSteadiness(model, {"out": 1.0}, num_classes=2, queue_batches=3)
+    model(torch.randn(4, 4))
+    reg(torch.tensor([0, 1, 1, 0]))
+    other = NeuronSteadiness(MLP(4, [3], 2), {"out": 1.0}, num_classes=2, queue_batches=5)
+    with pytest.raises(RuntimeError, match="queue_batches=3"):
+        other.load_state_dict(reg.state_dict())
+
+
+def test_memory_is_registered_buffers_that_move_with_to():
+    model = MLP(4, [3], 2)
+    reg = NeuronSteadiness(model, {"out": 1.0}, num_classes=2, queue_batches=3)
+    model(torch.randn(4, 4))
+    reg(torch.tensor([0, 1, 1, 0]))
+    names = {n for n, _ in reg.named_buffers()}
+    assert names == {"memories.0.ring", "memories.0.total", "memories.0.ptr"}
+    reg.to("meta")
+    assert all(b.device.type == "meta" for b in reg.buffers())
+    reg.to(torch.float64)
+    assert reg.memories[0].total.dtype == torch.float64 and reg.memories[0].ptr.dtype == torch.long
+
+
+# ---------------------------------------------------------------- hooks and memory use
+
+
+def test_eval_mode_captures_nothing_and_remove_detaches_hooks():
+    model = MLP(4, [3], 2)
+    reg = NeuronSteadiness(model, {"out": 1.0, "fc1": 0.5}, num_classes=2)
+    model.eval()
+    model(torch.randn(3, 4))
+    assert reg._captured == {}
+    with pytest.raises(ValueError, match="no captured output"):
+        reg(torch.tensor([0, 1, 0]))
+    model.train()
+    model(torch.randn(3, 4))
+    assert set(reg._captured) == {"out", "fc1"}
+    reg.remove()
+    assert reg._captured == {}
+    assert not model.out._forward_hooks and not model.fc1._forward_hooks
+    model(torch.randn(3, 4))
+    assert reg._captured == {}
+
+
+def test_captured_output_is_freed_after_reg_consumes_it():
+    model = MLP(4, [3], 2)
+    reg = NeuronSteadiness(model, {"out": 1.0}, num_classes=2, queue_batches=2)
+    logits = model(torch.randn(6, 4))
+    ref = weakref.ref(reg._captured["out"])
+    assert ref() is logits
+    loss = F.cross_entropy(logits, torch.tensor([0, 1, 0, 1, 1, 0])) + reg(torch.tensor([0, 1, 0, 1, 1, 0]))
+    assert reg._captured == {}
+    loss.backward()
+    del logits, loss
+    gc.collect()
+    assert ref() is None
+
+
+def _live_tensors():
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if torch.is_tensor(o))
+
+
+def test_memory_flat_over_1000_steps():
+    torch.manual_seed(0)
+    model = MLP(8, [6], 3)
+    reg = NeuronSteadiness(model, {"out": 1.0, "fc1": 0.1}, num_classes=3, queue_batches=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    xs, ys = torch.randn(10, 8), torch.arange(10) % 3
+
+    def step():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(xs), ys) + reg(ys)
+        loss.backward()
+        opt.step()
+
+    for _ in range(20):
+        step()
+    before = _live_tensors()
+    for _ in range(1000):
+        step()
+    assert reg._captured == {}
+    assert _live_tensors() == before
+    assert reg.memories[0].ring.shape == (5, 3, 4)  # K + 1 slots; 3 neurons + 1 count column
+
+
+def test_step_cost_does_not_depend_on_K_or_C_and_never_syncs():
+    """Same kernels, whatever K and C: no stack over the queue, no loop over classes, no .item()."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def ops(K, num_classes):
+        model = MLP(8, [6], num_classes)
+        reg = NeuronSteadiness(model, {"out": 1.0}, num_classes=num_classes, queue_batches=K,
+                               check_labels=False)
+        x, y = torch.randn(12, 8), torch.arange(12) % 3
+        model(x)
+        reg(y)  # allocates; the next step is neither the first nor a wrap-around
+        logits = model(x)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            reg(y)
+        events = [e for e in prof.events() if e.name.startswith("aten::")]
+        # Ops called from Python; ops inside them may vary with sizes (internal dispatch choices).
+        top = [e.name for e in events if e.cpu_parent is None]
+        return top, {e.name for e in events}
+
+    (small, all_small), (large_k, _), (large_c, _) = ops(3, 4), ops(50, 4), ops(3, 40)
+    assert small == large_k == large_c
+    assert len(small) <= 16, small
+    assert not {"aten::stack", "aten::item", "aten::_local_scalar_dense", "aten::nonzero"} & all_small
+
+
+# ---------------------------------------------------------------- API and errors
+
+
+def test_layers_as_list_with_shared_lambda_and_last_values():
+    torch.manual_seed(0)
+    model = MLP(4, [5, 3], 2)
+    reg = NeuronSteadiness(model, ["fc1", "out"], num_classes=2, lam=0.25)
+    model(torch.randn(6, 4))
+    total = reg(torch.tensor([0, 1, 0, 1, 1, 0]))
+    assert reg.lambdas == {"fc1": 0.25, "out": 0.25}
+    assert set(reg.last) == {"fc1", "out"}
+    assert all(not v.requires_grad for v in reg.last.values())
+    assert total.item() == pytest.approx(0.25 * (reg.last["fc1"] + reg.last["out"]).item(), rel=1e-6)
+
+
+class FakeDDP(nn.Module):
+    """What DistributedDataParallel looks like to named_modules(): the model under `module.`."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        return self.module(x)
+
+
+@pytest.mark.parametrize("name", ["out", "module.out"])
+def test_wrapped_model_accepts_names_with_or_without_module_prefix(name):
+    model = FakeDDP(MLP(4, [3], 2))
+    reg = NeuronSteadiness(model, {name: 1.0}, num_classes=2)
+    model(torch.randn(3, 4))
+    assert reg(torch.tensor([0, 1, 1])).item() >= 0
+    plain = MLP(4, [3], 2)
+    NeuronSteadiness(plain, {"module.out": 1.0}, num_classes=2)  # prefix also tolerated unwrapped
+
+
+def test_unknown_layer_name_lists_closest_valid_names():
+    with pytest.raises(ValueError, match=r"'fc' is not a module of the model; closest valid names: .*fc1"):
+        NeuronSteadiness(MLP(4, [3, 3], 2), {"fc": 1.0}, num_classes=2)
+    with pytest.raises(ValueError, match=r"'rleu2'.*relu2"):
+        NeuronSteadiness(MLP(4, [3, 3], 2), ["rleu2"], num_classes=2)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(layers={}), "at least one layer"),
+    (dict(num_classes=0), "num_classes must be a positive integer"),
+    (dict(queue_batches=0), r"queue_batches \(K\) must be a positive integer"),
+    (dict(layers={"out": -1.0}), "lambda for NSR layer 'out' must be finite and >= 0"),
+    (dict(layers={"out": float("nan")}), "must be finite"),
+    (dict(check_labels="sometimes"), "check_labels must be"),
+])
+def test_constructor_errors(kwargs, match):
+    args = dict(layers={"out": 1.0}, num_classes=2) | kwargs
+    with pytest.raises(ValueError, match=match):
+        NeuronSteadiness(MLP(4, [3], 2), **args)
+
+
+def test_call_errors():
+    model = MLP(4, [3], 3)
+    reg = NeuronSteadiness(model, {"out": 1.0}, num_classes=3)
+    with pytest.raises(ValueError, match=r"no captured output for layer\(s\) \['out'\].*model.train\(\)"):
+        reg(torch.tensor([0, 1]))
+
+    def check(y, match):
+        model(torch.randn(4, 4))
+        with pytest.raises(ValueError, match=match):
+            reg(y)
+        reg._captured.clear()
+
+    check(torch.tensor([0, 1, 2]), r"labels must have shape \(4,\).*got \(3,\)")
+    check(torch.tensor([[0, 1, 2, 0]]), r"labels must have shape \(4,\)")
+    check(torch.tensor([0.0, 1.0, 2.0, 0.0]), "integer tensor of class indices, got torch.float32")
+    check([0, 1, 2, 0], "labels must be a tensor, got list")
+    check(torch.tensor([0, 1, 3, 0]), r"labels must lie in \[0, 3\), got values in \[0, 3\]")
+    check(torch.tensor([0, -1, 2, 0]), r"labels must lie in \[0, 3\), got values in \[-1, 2\]")
+
+    # A consumed forward cannot be used twice.
+    model(torch.randn(4, 4))
+    reg(torch.tensor([0, 1, 2, 0]))
+    with pytest.raises(ValueError, match="no captured output"):
+        reg(torch.tensor([0, 1, 2, 0]))
+
+
+def test_labels_of_other_integer_dtypes_are_accepted():
+    model = MLP(4, [3], 3)
+    reg = NeuronSteadiness(model, {"out": 1.0}, num_classes=3)
+    model(torch.randn(4, 4))
+    a = reg(torch.tensor([0, 1, 2, 0], dtype=torch.int32))
+    assert math.isfinite(a.item())
+
+
+def test_changing_width_is_a_clear_error():
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten())
+    reg = NeuronSteadiness(net, ["0"], num_classes=2)
+    net(torch.randn(2, 1, 6, 6))
+    reg(torch.tensor([0, 1]))
+    net(torch.randn(2, 1, 7, 7))
+    with pytest.raises(ValueError, match="changed width from 32 to 50 neurons.*per_channel=True"):
+        reg(torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("check_labels", ["auto", True])
+def test_bad_labels_leave_the_memory_untouched(check_labels):
+    torch.manual_seed(0)
+    model = MLP(4, [3], 3)
+    twin = copy.deepcopy(model)
+    reg = NeuronSteadiness(model, {"out": 1.0, "fc1": 0.5}, num_classes=3, queue_batches=2,
+                           check_labels=check_labels)
+    ref = NeuronSteadiness(twin, {"out": 1.0, "fc1": 0.5}, num_classes=3, queue_batches=2)
+    data = [(torch.randn(4, 4), torch.tensor([0, 1, 2, 0])) for _ in range(3)]
+    _train_steps(model, reg, data[:2])
+    _train_steps(twin, ref, data[:2])
+    before = {k: v.clone() for k, v in reg.state_dict().items()}
+    model(torch.randn(4, 4))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\), got values in \[0, 7\]"):
+        reg(torch.tensor([0, 1, 7, 0]))
+    after = reg.state_dict()
+    for key, value in before.items():
+        if key.endswith(".ring"):  # the free slot (index ptr) is scratch space; the K others count
+            free = int(before[key.replace(".ring", ".ptr")])
+            keep = [i for i in range(value.shape[0]) if i != free]
+            value, now = value[keep], after[key][keep]
+        else:
+            now = after[key]
+        assert torch.equal(value, now), key
+    assert torch.is_grad_enabled()  # restored after the error
+    assert _train_steps(model, reg, data[2:]) == _train_steps(twin, ref, data[2:])

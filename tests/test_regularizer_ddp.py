@@ -1,0 +1,114 @@
+"""Two gloo processes, each with half of every batch, against one process fed whole batches.
+
+With the batch statistics all-reduced before they enter memory, both ranks must hold the class
+means of the whole batch, and the mean of the two ranks' losses must equal the one-process loss
+(equal halves, so the per-rank means average to the global mean).
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from nsr import NeuronSteadiness
+
+C, K, STEPS, BATCH = 4, 2, 4, 12
+LAMS = {"out": 0.5, "hidden": 2.0}
+
+
+def make_model():
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("hidden", nn.Linear(5, 6))
+    model.add_module("act", nn.ReLU())
+    model.add_module("out", nn.Linear(6, C))
+    return model.double()
+
+
+def make_batches():
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for step in range(STEPS):
+        x = torch.randn(BATCH, 5, generator=g, dtype=torch.float64)
+        y = torch.randint(0, C, (BATCH,), generator=g)
+        if step == 1:
+            y[: BATCH // 2] = 0  # rank 0's half has one class only; rank 1 may miss class 0
+        batches.append((x, y))
+    return batches
+
+
+def run_steps(model, reg, batches, part):
+    """Per step: (total term, per-layer losses, class means of every layer)."""
+    out = []
+    for x, y in batches:
+        x, y = x[part], y[part]
+        model(x)
+        total = reg(y)
+        out.append((total.detach().clone(), {k: v.clone() for k, v in reg.last.items()},
+                    {name: reg.class_means(name).clone() for name in LAMS}))
+    return out
+
+
+def worker(rank, world, port, queue):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        model = nn.parallel.DistributedDataParallel(make_model())
+        # Names without the "module." prefix work on the wrapped model; sync defaults to on.
+        reg = NeuronSteadiness(model, LAMS, num_classes=C, queue_batches=K)
+        half = BATCH // world
+        results = run_steps(model, reg, make_batches(), slice(rank * half, (rank + 1) * half))
+        totals = torch.stack([r[0] for r in results])
+        dist.all_reduce(totals)  # sum over ranks; the test divides by world
+        # Plain lists: tensors would travel as shared-memory handles that die with this process.
+        queue.put((rank, (totals / world).tolist(),
+                   [{name: m.tolist() for name, m in r[2].items()} for r in results]))
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_two_gloo_ranks_match_one_process_on_the_whole_batch():
+    model = make_model()
+    reg = NeuronSteadiness(model, LAMS, num_classes=C, queue_batches=K)
+    assert not reg._sync_enabled()
+    expected = run_steps(model, reg, make_batches(), slice(None))
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    world = 2
+    port = free_port()
+    procs = [ctx.Process(target=worker, args=(rank, world, port, queue), daemon=True)
+             for rank in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        results = [queue.get(timeout=60) for _ in range(world)]
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert all(p.exitcode == 0 for p in procs)
+
+    want_totals = torch.stack([e[0] for e in expected])
+    assert sorted(r[0] for r in results) == [0, 1]
+    for rank, totals, means in results:
+        totals = torch.tensor(totals, dtype=torch.float64)
+        assert torch.allclose(totals, want_totals, rtol=1e-10, atol=1e-12), (rank, totals, want_totals)
+        assert len(means) == STEPS
+        for step, (got_means, (_, _, want_means)) in enumerate(zip(means, expected)):
+            for name in LAMS:
+                got = torch.tensor(got_means[name], dtype=torch.float64)
+                assert torch.allclose(got, want_means[name], rtol=1e-10, atol=1e-12), (rank, step, name)
