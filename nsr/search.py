@@ -34,6 +34,9 @@ from typing import Any
 
 TERMINAL = ("SUCCEEDED", "FAILED", "USER_CANCELED", "SYS_CANCELED", "EARLY_STOPPED")
 DEFAULT_PORT = 8080
+NO_TRIAL_NOTE_S = 90  # say why when no trial has started by then
+GRACEFUL_STOP_S = 30  # NNI stops trials with SIGINT, then SIGKILL after 5 s
+REST_TIMEOUT_S = 10   # NNI's default, 20 s a request, makes a hung manager slow to give up on
 
 # Node.js preload for the NNI manager: a server started with only a port listens on HOST.
 _LOOPBACK_JS = r"""'use strict';
@@ -103,7 +106,11 @@ def load_config(path: str, args: argparse.Namespace):
         config.max_experiment_duration = args.max_duration
     if args.experiment_dir is not None:
         config.experiment_working_directory = str(Path(args.experiment_dir).expanduser().resolve())
-    if isinstance(config.training_service, list) or config.training_service.platform != "local":
+    platform = getattr(config.training_service, "platform", None)  # None: missing, or a list
+    if platform is None and not isinstance(config.training_service, list):
+        raise SearchError(f"NNI config {path!r} has no trainingService; add "
+                          "`trainingService: {platform: local}`")
+    if platform != "local":
         raise SearchError(f"NNI config {path!r}: nsr.search runs the local training service only; "
                           "use nnictl for other platforms")
     command = _field(config, "trial_command")
@@ -179,6 +186,30 @@ def _visible_gpu_count() -> int | None:
             pynvml.nvmlShutdown()
         except Exception:
             pass
+
+
+def check_filelock() -> None:
+    """NNI 3.0 pins filelock<3.12: with a newer one its experiment registry lock never acquires
+    and starting an experiment hangs for ever (nnictl too). Say so instead of hanging."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        found = version("filelock")
+    except PackageNotFoundError:
+        return
+    parts = []
+    for piece in found.split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    if tuple(parts) >= (3, 12):
+        raise SearchError(f"filelock {found} is installed, but NNI 3.0 needs filelock<3.12 (with a "
+                          "newer one it hangs while starting); run: pip install 'filelock<3.12'")
+
+
+def _gpu_note(config) -> str:
+    ts = config.training_service
+    return (f"trialGpuNumber {_field(config, 'trial_gpu_number')}, gpuIndices {ts.gpu_indices}, "
+            f"useActiveGpu {ts.use_active_gpu}")
 
 
 def check_gpus(config, config_path: str) -> None:
@@ -357,7 +388,7 @@ def _stop_experiment(exp) -> None:
     if proc is not None:
         t = threading.Thread(target=exp.stop, daemon=True)  # DELETE /experiment, then wait
         t.start()
-        t.join(60)
+        t.join(GRACEFUL_STOP_S)
     # The manager was started with setpgrp: its group holds the tuner and the trials.
     for pgid in pgids:
         for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -384,6 +415,10 @@ def run_search(args: argparse.Namespace) -> int:
     from nni.experiment import Experiment, RunMode
 
     nni_log.silence_stdout()
+    import nni.experiment.rest as nni_rest
+
+    nni_rest.timeout = REST_TIMEOUT_S
+    check_filelock()
     config = load_config(config_path, args)
     check_gpus(config, config_path)
     port = pick_port(args.port, args.host)
@@ -418,7 +453,7 @@ def run_search(args: argparse.Namespace) -> int:
             raise SearchError(f"NNI manager did not start: {_one_line(e)} "
                               f"(log: {exp_dir / 'log'})") from None
         print(f"web UI: http://{url_host}:{port}  (NNI files: {exp_dir})")
-        status, errors = _wait(exp, exp_dir, records, args.poll)
+        status, errors = _wait(exp, exp_dir, records, args.poll, _gpu_note(config))
     except (KeyboardInterrupt, _Terminated):
         interrupted = True
         print("\ninterrupted: stopping the experiment ...", file=sys.stderr)
@@ -512,10 +547,25 @@ def _refresh(exp, exp_dir: Path, records: dict[str, dict[str, Any]], quiet: bool
         print(line, flush=True)
 
 
-def _wait(exp, exp_dir: Path, records: dict[str, dict[str, Any]], poll: float) -> tuple[str, list[str]]:
+def _no_trial_note(exp_dir: Path, gpu_note: str) -> str:
+    log = exp_dir / "log" / "nnimanager.log"
+    try:
+        waiting_for_gpu = "GPU constraint cannot be satisfied" in log.read_text(errors="replace")
+    except OSError:
+        waiting_for_gpu = False
+    if waiting_for_gpu:
+        return (f"note: no trial has started yet: NNI is waiting for a GPU ({gpu_note}); free one, "
+                "change --gpu-indices, or use --cpu")
+    return f"note: no trial has started yet; NNI's log: {log}"
+
+
+def _wait(exp, exp_dir: Path, records: dict[str, dict[str, Any]], poll: float,
+          gpu_note: str = "") -> tuple[str, list[str]]:
     from nni.experiment import rest
 
     failures = 0
+    started = time.time()
+    noted = False
     while True:
         try:
             check = rest.get(exp.port, "/check-status", exp.url_prefix) or {}
@@ -529,6 +579,10 @@ def _wait(exp, exp_dir: Path, records: dict[str, dict[str, Any]], poll: float) -
             time.sleep(poll)
             continue
         active = any(r["status"] in ("WAITING", "RUNNING", "UNKNOWN") for r in records.values())
+        if not noted and time.time() - started > NO_TRIAL_NOTE_S and not any(
+                r["status"] != "WAITING" for r in records.values()):
+            print(_no_trial_note(exp_dir, gpu_note), file=sys.stderr, flush=True)
+            noted = True
         if status in ("DONE", "STOPPED"):
             return status, []
         if status == "ERROR":

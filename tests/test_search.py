@@ -34,7 +34,7 @@ def _clean_env(tmp_path: Path) -> dict[str, str]:
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)
     env["HOME"] = str(home)  # NNI's experiment registry (~/nni-experiments/.experiment) goes here
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     return env
 
 
@@ -238,6 +238,33 @@ def test_search_without_gpu_refuses_gpu_config(tmp_path):
                        cwd=REPO, env=_clean_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "no NVIDIA GPU is visible; add --cpu" in r.stderr
+
+
+def test_search_refuses_filelock_that_hangs_nni(tmp_path):
+    # NNI 3.0's registry lock never acquires with filelock >= 3.12: nnictl just hangs.
+    fake = tmp_path / "site" / "filelock-3.12.0.dist-info"
+    fake.mkdir(parents=True)
+    (fake / "METADATA").write_text("Metadata-Version: 2.1\nName: filelock\nVersion: 3.12.0\n")
+    env = _clean_env(tmp_path)
+    env["PYTHONPATH"] = str(tmp_path / "site") + os.pathsep + env["PYTHONPATH"]
+    r = subprocess.run([PY, "-m", "nsr.search", "configs/nni/mlp4.yml", "--port", "0",
+                        "--out", str(tmp_path / "out"), "--experiment-dir", str(tmp_path / "nni")],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert r.stderr.startswith("error: filelock 3.12.0 is installed, but NNI 3.0 needs filelock<3.12")
+    assert not (tmp_path / "nni").exists()
+
+
+def test_no_trial_note_names_the_gpu_wait(tmp_path):
+    from nsr.search import _no_trial_note
+
+    log = tmp_path / "log" / "nnimanager.log"
+    log.parent.mkdir()
+    log.write_text("[x] INFO (TrialKeeper) Scheduling failed because the GPU constraint cannot be satisfied\n")
+    note = _no_trial_note(tmp_path, "trialGpuNumber 1, gpuIndices [0], useActiveGpu True")
+    assert "waiting for a GPU" in note and "gpuIndices [0]" in note and "--cpu" in note
+    log.write_text("")
+    assert str(log) in _no_trial_note(tmp_path, "")
 
 
 # ------------------------------------------------------------------------------ real experiments
