@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import math
 import os
 import signal
 import sys
@@ -27,7 +26,7 @@ from torch import nn
 
 from . import nni_trial
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import Config, apply_overrides, from_dict, parse_args, to_dict, validate
+from .config import Config, apply_overrides, parse_args, to_dict, validate
 from .data import channels_last, load_data
 from .errors import EXIT_INTERRUPTED, UserError, run_cli
 from .regularizer import NeuronSteadiness
