@@ -28,7 +28,7 @@ from . import nni_trial
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import Config, apply_overrides, parse_args, to_dict, validate
 from .data import channels_last, load_data
-from .errors import EXIT_INTERRUPTED, UserError, run_cli
+from .errors import RunInterrupted, UserError, run_cli
 from .regularizer import NeuronSteadiness
 
 # Keys that may differ between a run and its resumption; anything else must match.
@@ -537,10 +537,8 @@ def train(cfg: Config) -> dict:
     except Interrupted:
         trainer.save("last.pt")
         trainer.write_metrics(finished=False)
-        if rt.main:
-            print(f"interrupted in epoch {trainer.pos.epoch + 1} at step {trainer.pos.step}; saved "
-                  f"{os.path.join(cfg.out, 'last.pt')}; continue with --resume", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+        raise RunInterrupted(f"interrupted in epoch {trainer.pos.epoch + 1} at step {trainer.pos.step}; "
+                             f"saved {os.path.join(cfg.out, 'last.pt')}; continue with --resume") from None
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)

@@ -10,6 +10,10 @@ class UserError(Exception):
     """A problem the user can fix (bad config, missing data, ...). The message says how."""
 
 
+class RunInterrupted(Exception):
+    """Training stopped on Ctrl-C after saving a resumable checkpoint (the message says where)."""
+
+
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
@@ -21,6 +25,9 @@ def run_cli(main: Callable[[], object]) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+    except RunInterrupted as e:
+        print(e, file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
