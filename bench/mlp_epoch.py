@@ -34,9 +34,9 @@ from nsr.data import IDX_FILES  # noqa: E402
 from nsr.engine import Runtime, Trainer  # noqa: E402
 
 
-def ours_epoch(data_dir: str, epoch: int) -> float:
+def ours_epoch(data_dir: str, epoch: int, threads: int) -> float:
     cfg = parse_args(["--config", "configs/mlp4.yaml", "--dataset", "fashion-mnist", "--data-dir", data_dir,
-                      "--quiet", "--out", tempfile.mkdtemp()])
+                      "--quiet", "--out", tempfile.mkdtemp(), "--threads", str(threads)])
     trainer = Trainer(cfg, Runtime(torch.device("cpu")))  # data loading (once per run) not timed
     trainer.pos.epoch = epoch
     start = time.perf_counter()
@@ -60,11 +60,11 @@ def classic_root(data_dir: str) -> str:
     return root
 
 
-def classic_epoch(root: str, epoch: int) -> float:
+def classic_epoch(root: str, epoch: int, threads: int) -> float:
     import torchvision
     import torchvision.transforms as T
 
-    torch.set_num_threads(1)  # the same threading as the engine uses for MLPs
+    torch.set_num_threads(threads or 1)  # the same threading as ours (the engine's MLP default: 1)
     full = torchvision.datasets.FashionMNIST(root, train=True, transform=T.ToTensor())
     order = torch.randperm(len(full), generator=torch.Generator().manual_seed(0))
     train = torch.utils.data.Subset(full, order[10_000:].tolist())
@@ -92,13 +92,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: the engine's default, 1 for MLPs)")
     args = parser.parse_args()
     os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     root = classic_root(args.data_dir)
     ours, classic = [], []
     for r in range(args.rounds):
-        ours.append(ours_epoch(args.data_dir, r))
-        classic.append(classic_epoch(root, r))
+        ours.append(ours_epoch(args.data_dir, r, args.threads))
+        classic.append(classic_epoch(root, r, args.threads))
         print(f"round {r + 1}: ours {ours[-1]:.2f}s  classic {classic[-1]:.2f}s", flush=True)
     mo, mc = statistics.median(ours), statistics.median(classic)
     print(f"\nMLP-4 + NSR epoch (50k train + 10k val, batch 100, {torch.get_num_threads()} thread), "
