@@ -1,0 +1,48 @@
+"""cnn_nsr.py on `fake` data for each CNN config: a few steps, every output, resume."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from nsr.checkpoint import load_checkpoint
+from nsr.config import parse_args
+from nsr.engine import train
+from tests.conftest import ROOT
+
+SMALL = ["--dataset", "fake", "--fake-size", "40", "--batch-size", "4", "--eval-batch-size", "8",
+         "--epochs", "1", "--workers", "0", "--quiet"]
+PARAMS = {"resnet18_cifar10": 11_173_962, "vgg19_cifar10": 20_040_522, "resnet50_imagenet": 25_557_032}
+
+
+@pytest.mark.parametrize("config", list(PARAMS))
+def test_cnn_script_runs_each_config_on_fake_data(tmp_path, script, config):
+    out = tmp_path / config
+    proc = script("cnn_nsr.py", "--config", os.path.join("configs", f"{config}.yaml"), *SMALL,
+                  "--max-steps", "2", "--out", str(out))
+    assert "test error" in proc.stdout and proc.stderr.strip() == ""
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["num_params"] == PARAMS[config]
+    assert (m["global_steps"], m["finished"], m["nsr"], m["nsr_layers"]) == (2, True, True, ["fc"])
+    row = m["history"][0]
+    # with 1000 classes and K=1 each sample is alone in its class: its mean is itself, loss 0
+    assert (row["nsr_loss"] > 0) == (config != "resnet50_imagenet")
+    assert abs(row["train_loss"] - row["ce_loss"] - row["nsr_loss"]) < 1e-5
+    assert 0 <= m["test_acc"] <= 100 and 0 <= m["test_top5_acc"] <= 100
+    assert {"config.yaml", "history.csv", "last.pt", "best.pt"} <= set(os.listdir(out))
+
+
+def test_cnn_vanilla_and_resume_match_a_straight_run(tmp_path):
+    base = ["--config", os.path.join(ROOT, "configs", "resnet18_cifar10.yaml"), *SMALL,
+            "--epochs", "2", "--fake-size", "24", "--queue-batches", "2"]
+    straight = train(parse_args([*base, "--out", str(tmp_path / "a")]))
+    train(parse_args([*base, "--epochs", "1", "--out", str(tmp_path / "b")]))
+    resumed = train(parse_args([*base, "--out", str(tmp_path / "b"), "--resume"]))
+    drop = lambda h: [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in h]  # noqa: E731
+    assert drop(resumed["history"]) == drop(straight["history"])
+    a = load_checkpoint(str(tmp_path / "a" / "last.pt"))["model"]
+    b = load_checkpoint(str(tmp_path / "b" / "last.pt"))["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    vanilla = train(parse_args([*base, "--no-nsr", "--max-steps", "1", "--out", str(tmp_path / "v")]))
+    assert vanilla["history"][0]["nsr_loss"] == 0.0 and vanilla["lambda"] == []
