@@ -254,7 +254,8 @@ class _EpochSampler(torch.utils.data.Sampler):
         return iter(order[o._start * o.batch_size:].tolist())
 
     def __len__(self):
-        return len(list(iter(self)))
+        o = self.owner
+        return max(o.per_rank - o._start * o.batch_size, 0)
 
 
 class LoaderBatches:
