@@ -53,7 +53,7 @@ class _Hot:
     """Plain references for the per-step path, so it makes no nn.Module attribute lookups."""
 
     __slots__ = ("ring", "slots", "total", "sums", "counts", "zeros", "p", "width", "dtype", "device",
-                 "ones")
+                 "ones", "scale_key", "scales")
 
     def __init__(self, ring: torch.Tensor, total: torch.Tensor, p: int, dim: int):
         self.ring, self.slots, self.total, self.p = ring, ring.unbind(0), total, p
@@ -61,6 +61,7 @@ class _Hot:
         self.width, self.dtype, self.device = total.shape[1], total.dtype, total.device
         self.zeros = torch.zeros_like(total)  # the base of the out-of-place index_add into a slot
         self.ones = None
+        self.scale_key = self.scales = None
 
 
 class ClassMeanMemory(nn.Module):
@@ -203,6 +204,19 @@ class ClassMeanMemory(nn.Module):
         # Without active_only each label of the batch was just counted, so its count is >= 1;
         # other classes may divide by 0, but they are not selected.
         return (hot.sums / hot.counts).index_select(0, y)
+
+    def _scales(self, n: int, dtype: torch.dtype, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lam / n, 1 / n) as 0-dim CPU tensors of `dtype`, cached while n and dtype stay the same.
+
+        Multiplying by a tensor skips the conversion of a Python number that every op with a
+        scalar argument makes, in forward and in backward.
+        """
+        hot = self._hot
+        key = (n, dtype, lam)
+        if hot.scale_key != key:
+            hot.scale_key = key
+            hot.scales = (torch.tensor(lam / n, dtype=dtype), torch.tensor(1.0 / n, dtype=dtype))
+        return hot.scales
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         if self._hot is not None:
@@ -399,10 +413,18 @@ class NeuronSteadiness(nn.Module):
         last = {}
         active_only = self.active_only
         for z, r, (name, lam, memory) in zip(zs, rows, layers):
-            mask = r[:, z.shape[1]:] if active_only else None  # the (z > 0) columns, as 0/1
-            loss = _masked_loss(z, memory.means_of(y), mask)
-            weighted = loss * lam
-            last[name] = loss.detach()
+            target = memory.means_of(y)
+            if active_only:
+                loss = _masked_loss(z, target, r[:, z.shape[1]:])  # mask: the (z > 0) columns, as 0/1
+                weighted = loss * lam
+                last[name] = loss.detach()
+            else:
+                # The mean as sum * (1/n): the sum form of mse_loss is one kernel less than its
+                # mean form, and lam/n folds into the one multiply the weighting needs anyway.
+                squares = torch._C._nn.mse_loss(z, target, 2)  # 2 is reduction="sum"
+                lam_n, inv_n = memory._scales(max(z.numel(), 1), squares.dtype, lam)
+                weighted = squares * lam_n
+                last[name] = squares.detach() * inv_n
             total = weighted if total is None else total + weighted
         self.__dict__["last"] = last  # a plain attribute: skip nn.Module.__setattr__'s checks
         return total
