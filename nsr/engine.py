@@ -230,7 +230,8 @@ class Position:
     test_top5_acc: float | None = None
     train_time_s: float = 0.0
     epoch_time_s: float = 0.0          # time spent in the current epoch so far
-    sums: dict = field(default_factory=dict)  # running sums of the current epoch
+    seen: int = 0                      # training samples of the current epoch so far
+    sums: dict = field(default_factory=dict)  # running sums of the current epoch (on the device)
 
 
 class Trainer:
@@ -274,7 +275,7 @@ class Trainer:
                          "history": p.history, "best_val_acc": p.best_val_acc,
                          "best_epoch": p.best_epoch, "test_acc": p.test_acc,
                          "test_top5_acc": p.test_top5_acc,
-                         "train_time_s": p.train_time_s, "epoch_time_s": p.epoch_time_s,
+                         "train_time_s": p.train_time_s, "epoch_time_s": p.epoch_time_s, "seen": p.seen,
                          "sums": {k: v.detach().cpu() for k, v in p.sums.items()}},
         }
 
@@ -302,8 +303,11 @@ class Trainer:
 
     # -- one epoch
     def _new_sums(self) -> dict:
-        z = lambda: torch.zeros((), dtype=torch.float64, device=self.rt.device)  # noqa: E731
-        return {"loss": z(), "ce": z(), "nsr": z(), "correct": z(), "count": z(), "nonfinite": z()}
+        dev = self.rt.device
+        # losses: sums of (loss, ce, nsr) x batch size; a NaN or inf anywhere stays in the sum,
+        # so checking it now and then finds any non-finite step since the last check.
+        return {"losses": torch.zeros(3, dtype=torch.float64, device=dev),
+                "correct": torch.zeros((), dtype=torch.int64, device=dev)}
 
     def train_epoch(self, bar) -> bool:
         """Train from self.pos.step to the end of the epoch; False if max_steps stopped it early."""
@@ -312,6 +316,7 @@ class Trainer:
         if not p.sums:
             p.sums = self._new_sums()
         s = p.sums
+        no_nsr = torch.zeros((), device=dev)
         check_every = 1 if dev.type == "cpu" else 50  # on GPUs a finiteness check is a host sync
         autocast = (torch.autocast(dev.type, dtype=self.amp_dtype) if self.amp_dtype
                     else contextlib.nullcontext())
@@ -330,16 +335,11 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
 
-            with torch.no_grad():
+            with torch.no_grad():  # few ops per step: on a small MLP each costs ~1 % of a step
                 n = yb.shape[0]
-                loss_d = loss.detach().double()
-                s["loss"] += loss_d * n
-                s["ce"] += ce.detach().double() * n
-                if nsr is not None:
-                    s["nsr"] += nsr.detach().double() * n
-                s["correct"] += (logits.detach().argmax(1) == yb).sum()
-                s["count"] += n
-                s["nonfinite"] += (~torch.isfinite(loss_d)).double()
+                s["losses"].add_(torch.stack((loss, ce, nsr if nsr is not None else no_nsr)), alpha=n)
+                s["correct"] += (logits.argmax(1) == yb).sum()
+            p.seen += n
             p.step += 1
             p.global_step += 1
             if p.step - last_checked >= check_every or p.step == len(self.data.train):
@@ -348,7 +348,7 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
                 if p.step % 20 == 0:
-                    bar.set_postfix(loss=f"{float(s['loss'] / s['count']):.4f}", refresh=False)
+                    bar.set_postfix(loss=f"{float(s['losses'][0]) / max(p.seen, 1):.4f}", refresh=False)
             if self.interrupt:
                 self._check_finite(last_checked)
                 p.epoch_time_s += time.perf_counter() - start
@@ -360,7 +360,7 @@ class Trainer:
         return True
 
     def _check_finite(self, since_step: int) -> None:
-        if float(self.pos.sums["nonfinite"]) > 0:
+        if not bool(torch.isfinite(self.pos.sums["losses"]).all()):
             where = (f"step {self.pos.step}" if self.pos.step - since_step <= 1
                      else f"steps {since_step + 1}..{self.pos.step}")
             last = os.path.join(self.cfg.out, "last.pt")
@@ -421,17 +421,17 @@ class Trainer:
             if improved:
                 p.best_val_acc, p.best_epoch = val_acc, epoch + 1
                 p.test_acc, p.test_top5_acc = self.evaluate(self.data.test)
-            s = p.sums
-            count = max(float(s["count"]), 1.0)
+            count = max(p.seen, 1)
+            loss_sum, ce_sum, nsr_sum = p.sums["losses"].tolist()
             p.epoch_time_s += time.perf_counter() - t0
-            row = {"epoch": epoch + 1, "train_loss": float(s["loss"]) / count,
-                   "ce_loss": float(s["ce"]) / count, "nsr_loss": float(s["nsr"]) / count,
-                   "train_acc": 100.0 * float(s["correct"]) / count, "val_acc": val_acc,
+            row = {"epoch": epoch + 1, "train_loss": loss_sum / count,
+                   "ce_loss": ce_sum / count, "nsr_loss": nsr_sum / count,
+                   "train_acc": 100.0 * int(p.sums["correct"]) / count, "val_acc": val_acc,
                    "val_top5_acc": val_top5, "lr": lr,
                    "epoch_time_s": p.epoch_time_s}
             p.history.append(row)
             p.train_time_s += p.epoch_time_s
-            p.epoch, p.step, p.sums, p.epoch_time_s = epoch + 1, 0, {}, 0.0
+            p.epoch, p.step, p.sums, p.seen, p.epoch_time_s = epoch + 1, 0, {}, 0, 0.0
             self.scheduler.step()
             if improved:
                 self.save("best.pt")

@@ -347,7 +347,7 @@ def test_sigint_saves_a_mid_epoch_checkpoint_and_resume_gives_identical_metrics(
     assert "Traceback" not in stderr and "continue with --resume" in stderr
     position = load_checkpoint(os.path.join(out, "last.pt"))["position"]
     assert position["step"] > 0, "a Ctrl-C checkpoint holds the position inside the epoch"
-    assert 2 <= position["epoch"] < EPOCHS and float(position["sums"]["count"]) > 0
+    assert 2 <= position["epoch"] < EPOCHS and position["seen"] > 0
     resumed = train(parse_args([*RUN, "--epochs", str(EPOCHS), "--out", out, "--resume"], default_config=MLP4))
     assert outcome(resumed) == outcome(reference[1])
 
