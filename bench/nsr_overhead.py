@@ -134,8 +134,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--resnet-steps", type=int, default=4)
-    p.add_argument("--resnet-rounds", type=int, default=9)
+    p.add_argument("--resnet-steps", type=int, default=3)
+    p.add_argument("--resnet-rounds", type=int, default=15)
     p.add_argument("--skip-resnet", action="store_true")
     p.add_argument("--threads", type=int, default=0,
                    help="torch.set_num_threads (default: leave torch's default, one per core)")

@@ -145,10 +145,10 @@ class ClassMeanMemory(nn.Module):
             return torch.cat([z.relu(), (z > 0).to(z.dtype)], dim=1)  # relu(z) == z * (z > 0)
         hot = self._hot
         ones = hot.ones if hot is not None else None
-        if ones is None or ones.shape[0] != z.shape[0] or ones.dtype != z.dtype or ones.device != z.device:
+        if ones is None or ones.shape[0] != z.shape[0]:
             ones = z.new_ones(z.shape[0], 1)
-            if hot is not None:
-                hot.ones = ones
+            if hot is not None and hot.dtype is z.dtype and hot.device == z.device:
+                hot.ones = ones  # (a new _Hot, with no ones, follows any change of dtype or device)
         return torch.cat([z, ones], dim=1)
 
     def batch_statistics(self, rows: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -178,7 +178,7 @@ class ClassMeanMemory(nn.Module):
 
     def _push(self, rows: torch.Tensor, y: torch.Tensor | None) -> None:  # push, gradients off
         hot = self._hot
-        if hot is None or hot.width != rows.shape[1] or hot.dtype != rows.dtype or hot.device != rows.device:
+        if hot is None or hot.width != rows.shape[1] or hot.dtype is not rows.dtype or hot.device != rows.device:
             hot = self._prepare(rows)
         p, total, slots = hot.p, hot.total, hot.slots
         slot = slots[p]
@@ -311,7 +311,7 @@ class NeuronSteadiness(nn.Module):
         self.memories = nn.ModuleList(
             ClassMeanMemory(num_classes, queue_batches, active_only) for _ in self.names)
         self._layers = [(name, self.lambdas[name], memory) for name, memory in zip(self.names, self.memories)]
-        self.last: dict[str, torch.Tensor] = {}
+        self._last: list = []  # (name, detached loss or sum of squares, None or 1/n) of the last call
         self._captured: dict[str, torch.Tensor] = {}
         self._labels_checked = False
         # A plain list, so the model is not registered as a submodule of the regularizer.
@@ -379,6 +379,11 @@ class NeuronSteadiness(nn.Module):
             return self.sync
         return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
+    def __call__(self, y: torch.Tensor) -> torch.Tensor:
+        # Straight to forward: nn.Module.__call__'s hook dispatch costs more than NSR's own Python
+        # on small layers, and nothing hooks a regularizer.
+        return self.forward(y)
+
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         """The weighted NSR term for the last forward pass, given its labels."""
         captured, layers = self._captured, self._layers
@@ -410,24 +415,29 @@ class NeuronSteadiness(nn.Module):
             torch._C._set_grad_enabled(grad_mode)
 
         total = None
-        last = {}
+        last = []
         active_only = self.active_only
         for z, r, (name, lam, memory) in zip(zs, rows, layers):
             target = memory.means_of(y)
             if active_only:
                 loss = _masked_loss(z, target, r[:, z.shape[1]:])  # mask: the (z > 0) columns, as 0/1
                 weighted = loss * lam
-                last[name] = loss.detach()
+                last.append((name, loss.detach(), None))
             else:
                 # The mean as sum * (1/n): the sum form of mse_loss is one kernel less than its
                 # mean form, and lam/n folds into the one multiply the weighting needs anyway.
                 squares = torch._C._nn.mse_loss(z, target, 2)  # 2 is reduction="sum"
                 lam_n, inv_n = memory._scales(max(z.numel(), 1), squares.dtype, lam)
                 weighted = squares * lam_n
-                last[name] = squares.detach() * inv_n
+                last.append((name, squares.detach(), inv_n))  # the mean is formed if asked for
             total = weighted if total is None else total + weighted
-        self.__dict__["last"] = last  # a plain attribute: skip nn.Module.__setattr__'s checks
+        self.__dict__["_last"] = last  # a plain attribute: skip nn.Module.__setattr__'s checks
         return total
+
+    @property
+    def last(self) -> dict[str, torch.Tensor]:
+        """Per-layer NSR losses (unweighted, detached) of the last call."""
+        return {name: value if scale is None else value * scale for name, value, scale in self._last}
 
     def _push_synced(self, rows: list[torch.Tensor], y: torch.Tensor) -> None:
         """Per-class statistics of the local batch, one all-reduce for all layers: every rank then
