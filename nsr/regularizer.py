@@ -53,14 +53,14 @@ class _Hot:
     """Plain references for the per-step path, so it makes no nn.Module attribute lookups."""
 
     __slots__ = ("ring", "slots", "total", "sums", "counts", "zeros", "p", "width", "dtype", "device",
-                 "ones", "scale_key", "scales")
+                 "rows", "rows_z", "scale_key", "scales")
 
     def __init__(self, ring: torch.Tensor, total: torch.Tensor, p: int, dim: int):
         self.ring, self.slots, self.total, self.p = ring, ring.unbind(0), total, p
         self.sums, self.counts = total[:, :dim], total[:, dim:]
         self.width, self.dtype, self.device = total.shape[1], total.dtype, total.device
         self.zeros = torch.zeros_like(total)  # the base of the out-of-place index_add into a slot
-        self.ones = None
+        self.rows = self.rows_z = None  # a B x W [z | 1] buffer, its count column filled once
         self.scale_key = self.scales = None
 
 
@@ -137,26 +137,39 @@ class ClassMeanMemory(nn.Module):
         self._refresh()
 
     def augment(self, z: torch.Tensor) -> torch.Tensor:
-        """B x W rows [z | 1], or [z * (z > 0) | (z > 0)] under active_only.
+        """B x W rows [z | 1], or [z * (z > 0) | (z > 0)] under active_only (a new tensor).
 
         Call it with detached z, or with gradients disabled (NeuronSteadiness does the latter).
         """
         if self.active_only:
             return torch.cat([z.relu(), (z > 0).to(z.dtype)], dim=1)  # relu(z) == z * (z > 0)
+        return torch.cat([z, z.new_ones(z.shape[0], 1)], dim=1)
+
+    def _hot_for(self, z: torch.Tensor) -> _Hot:
+        """The per-step state, (re)made first if z's width, dtype or device does not match it."""
         hot = self._hot
-        ones = hot.ones if hot is not None else None
-        if ones is None or ones.shape[0] != z.shape[0]:
-            ones = z.new_ones(z.shape[0], 1)
-            if hot is not None and hot.dtype is z.dtype and hot.device == z.device:
-                hot.ones = ones  # (a new _Hot, with no ones, follows any change of dtype or device)
-        return torch.cat([z, ones], dim=1)
+        width = 2 * z.shape[1] if self.active_only else z.shape[1] + 1
+        if hot is None or hot.width != width or hot.dtype is not z.dtype or hot.device != z.device:
+            hot = self._prepare(width, z.dtype, z.device)
+        return hot
+
+    def _rows(self, z: torch.Tensor, hot: _Hot) -> torch.Tensor:
+        """`augment(z)` for z matching `hot`, gradients off. Without active_only the rows are a
+        buffer that the next call overwrites: one copy instead of a cat and a new tensor."""
+        if self.active_only:
+            return self.augment(z)
+        rows = hot.rows
+        if rows is None or rows.shape[0] != z.shape[0]:
+            rows = hot.rows = z.new_ones(z.shape[0], hot.width)
+            hot.rows_z = rows[:, :-1]
+        hot.rows_z.copy_(z)
+        return rows
 
     def batch_statistics(self, rows: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """C x W per-class sums of `augment` rows (to all-reduce before `push`)."""
         return rows.new_zeros(self.num_classes, rows.shape[1]).index_add_(0, y, rows)
 
-    def _prepare(self, rows: torch.Tensor) -> _Hot:
-        width, dtype, device = rows.shape[1], rows.dtype, rows.device
+    def _prepare(self, width: int, dtype: torch.dtype, device: torch.device) -> _Hot:
         if self.total is None:
             self._allocate(width, dtype, device)
         elif self.total.shape[1] != width:
@@ -176,10 +189,12 @@ class ClassMeanMemory(nn.Module):
         """
         self._push(rows, y)
 
-    def _push(self, rows: torch.Tensor, y: torch.Tensor | None) -> None:  # push, gradients off
-        hot = self._hot
-        if hot is None or hot.width != rows.shape[1] or hot.dtype is not rows.dtype or hot.device != rows.device:
-            hot = self._prepare(rows)
+    def _push(self, rows: torch.Tensor, y: torch.Tensor | None, hot: _Hot | None = None) -> None:
+        """push, with gradients off; `hot` when the caller has just made it match the rows."""
+        if hot is None:
+            hot = self._hot
+            if hot is None or hot.width != rows.shape[1] or hot.dtype is not rows.dtype or hot.device != rows.device:
+                hot = self._prepare(rows.shape[1], rows.dtype, rows.device)
         p, total, slots = hot.p, hot.total, hot.slots
         slot = slots[p]
         if y is None:
@@ -401,12 +416,13 @@ class NeuronSteadiness(nn.Module):
         grad_mode = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)  # the memory sees detached responses (no detach ops)
         try:
-            rows = [memory.augment(z) for z, (_, _, memory) in zip(zs, layers)]
+            hots = [memory._hot_for(z) for z, (_, _, memory) in zip(zs, layers)]
+            rows = [memory._rows(z, hot) for z, hot, (_, _, memory) in zip(zs, hots, layers)]
             if self._sync_enabled():
                 self._push_synced(rows, y)
             else:
-                for r, (_, _, memory) in zip(rows, layers):
-                    memory._push(r, y)
+                for r, hot, (_, _, memory) in zip(rows, hots, layers):
+                    memory._push(r, y, hot)
         except (IndexError, RuntimeError) as error:
             # A label outside [0, C)? The failed index_add wrote only scratch space.
             self._raise_if_out_of_range(y.cpu())
