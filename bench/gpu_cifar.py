@@ -119,6 +119,9 @@ def main() -> None:
     args = parser.parse_args()
     n_train, batch = (1_280, 128) if args.quick else (50_000, 128)
     cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        sys.exit("error: no CUDA GPU is visible; run this on a GPU machine "
+                 "(or check the script itself with --device cpu --quick)")
     results = {"gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
                "images": n_train, "batch": batch, "workers": args.workers, "runs": []}
     print(f"{results['gpu']}, torch {torch.__version__}, {n_train} images/epoch, batch {batch}", flush=True)

@@ -106,12 +106,25 @@ def batches(seed=0, dtype=torch.float64):
     return out
 
 
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
 @pytest.mark.parametrize("K,active_only,per_channel", [
     (1, False, False), (3, False, False), (3, True, False), (3, False, True), (1, True, True),
     (3, True, True), (10, False, True)])
 def test_matches_naive_reference(K, active_only, per_channel):
+    check_against_naive_reference(K, active_only, per_channel, "cpu")
+
+
+@needs_cuda
+@pytest.mark.parametrize("K,active_only,per_channel", [(3, False, False), (3, True, True)])
+def test_matches_naive_reference_on_cuda(K, active_only, per_channel):
+    check_against_naive_reference(K, active_only, per_channel, "cuda")
+
+
+def check_against_naive_reference(K, active_only, per_channel, device):
     torch.manual_seed(0)
-    model = SmallNet().double()
+    model = SmallNet().double().to(device)
     lams = {"act": 0.7, "head": 2.5}
     reg = NeuronSteadiness(model, lams, num_classes=C, queue_batches=K, active_only=active_only,
                            per_channel=per_channel)
@@ -120,6 +133,7 @@ def test_matches_naive_reference(K, active_only, per_channel):
     history = {name: [] for name in lams}
     params = list(model.parameters())
     for x, y in batches():
+        x, y = x.to(device), y.to(device)
         out = model(x)
         loss = F.cross_entropy(out, y) * 0.1 + reg(y)
 
@@ -133,7 +147,7 @@ def test_matches_naive_reference(K, active_only, per_channel):
             ref = naive_loss(z, labels, means, active_only)
             assert reg.last[name].item() == pytest.approx(ref.item(), rel=1e-9, abs=1e-12)
             got_means = reg.class_means(name)
-            assert torch.allclose(got_means, torch.tensor(means, dtype=got_means.dtype), atol=1e-9)
+            assert torch.allclose(got_means.cpu(), torch.tensor(means, dtype=got_means.dtype), atol=1e-9)
             ref_total = ref_total + lam * ref
         assert loss.item() == pytest.approx(ref_total.item(), rel=1e-9, abs=1e-12)
         got = torch.autograd.grad(loss, params, retain_graph=True)
@@ -524,3 +538,35 @@ def test_bad_labels_leave_the_memory_untouched(check_labels):
         assert torch.equal(value, now), key
     assert torch.is_grad_enabled()  # restored after the error
     assert _train_steps(model, reg, data[2:]) == _train_steps(twin, ref, data[2:])
+
+
+@needs_cuda
+def test_cuda_labels_out_of_range_on_the_first_call_are_a_clear_error():
+    model = MLP(4, [3], 3).cuda()
+    reg = NeuronSteadiness(model, {"out": 1.0}, num_classes=3)
+    model(torch.randn(4, 4, device="cuda"))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\), got values in \[0, 7\]"):
+        reg(torch.tensor([0, 1, 7, 0], device="cuda"))
+
+
+@needs_cuda
+def test_memory_loaded_on_cpu_follows_the_model_to_cuda():
+    torch.manual_seed(0)
+    model = MLP(4, [3], 3)
+    reg = NeuronSteadiness(model, {"out": 1.0}, num_classes=3, queue_batches=2)
+    data = [(torch.randn(4, 4), torch.tensor([0, 1, 2, 0])) for _ in range(4)]
+    _train_steps(model, reg, data[:2])
+    want = _train_steps(model, reg, data[2:])
+
+    torch.manual_seed(0)
+    model2 = MLP(4, [3], 3)
+    reg2 = NeuronSteadiness(model2, {"out": 1.0}, num_classes=3, queue_batches=2)
+    _train_steps(model2, reg2, data[:2])
+    state = reg2.state_dict()  # CPU tensors
+    reg2.remove()
+    reg3 = NeuronSteadiness(model2.cuda(), {"out": 1.0}, num_classes=3, queue_batches=2)
+    reg3.load_state_dict(state)
+    got = _train_steps(model2, reg3, [(x.cuda(), y.cuda()) for x, y in data[2:]])
+    assert all(b.is_cuda for b in reg3.buffers())
+    for (g, g_last), (w, w_last) in zip(got, want):
+        assert g == pytest.approx(w, rel=1e-5)
