@@ -257,20 +257,34 @@ class ClassMeanMemory(nn.Module):
         self._refresh()  # the pointer comes from the loaded `ptr` buffer
 
 
+# Prefixes that wrappers add to named_modules(): DistributedDataParallel / DataParallel, torch.compile.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _without_wrappers(name: str) -> str:
+    while name.startswith(_WRAPPER_PREFIXES):
+        name = name.split(".", 1)[1]
+    return name
+
+
 def _resolve_layer_names(model: nn.Module, names: Iterable[str]) -> list[tuple[str, nn.Module]]:
+    """(name, module) for each name; a name may leave out or add the wrappers' prefixes."""
     modules = dict(model.named_modules())
+    unwrapped = {}
+    for full, module in modules.items():
+        if full and _without_wrappers(full + "."):  # not the root or a wrapper itself
+            unwrapped.setdefault(_without_wrappers(full), module)
     resolved = []
     for name in names:
-        candidates = [name, "module." + name]
-        if name.startswith("module."):
-            candidates.append(name[len("module."):])
-        found = next((c for c in candidates if c and c in modules), None)
-        if found is None:
-            valid = [n for n in modules if n]
+        module = modules.get(name) if name else None
+        if module is None:
+            module = unwrapped.get(_without_wrappers(name))
+        if module is None:
+            valid = list(unwrapped)
             close = difflib.get_close_matches(name, valid, n=5, cutoff=0.4) or valid[:8]
             raise ValueError(f"NSR layer {name!r} is not a module of the model; closest valid names: "
                              f"{', '.join(close)}")
-        resolved.append((name, modules[found]))
+        resolved.append((name, module))
     return resolved
 
 
@@ -282,7 +296,8 @@ class NeuronSteadiness(nn.Module):
         loss = F.cross_entropy(logits, y) + reg(y)
 
     layers: {name: lambda}, or a list of names sharing `lam`. Names come from model.named_modules();
-        with DistributedDataParallel the "module." prefix is optional.
+        the prefixes that DistributedDataParallel ("module.") and torch.compile ("_orig_mod.") add
+        are optional.
     queue_batches: K, how many recent batches (the current one included) estimate the class means.
     active_only: class means and loss use only entries > 0 (the original code's ReLU layers).
     per_channel: average N x C x H x W outputs over H, W first, so each channel is one neuron.

@@ -447,11 +447,37 @@ def test_wrapped_model_accepts_names_with_or_without_module_prefix(name):
     NeuronSteadiness(plain, {"module.out": 1.0}, num_classes=2)  # prefix also tolerated unwrapped
 
 
+@pytest.mark.parametrize("name", ["out", "_orig_mod.out", "module._orig_mod.out"])
+def test_compiled_model_matches_eager_twin(name):
+    # Registered on the torch.compile wrapper (names with or without `_orig_mod.`), the hooks are
+    # traced into the compiled graph: same NSR losses and gradients as an eager twin.
+    torch.manual_seed(0)
+    eager = MLP(6, [5], 3)
+    twin = copy.deepcopy(eager)
+    compiled = torch.compile(twin, backend="eager")  # dynamo tracing, no C++ build
+    reg = NeuronSteadiness(eager, {"out": 1.5}, num_classes=3, queue_batches=2)
+    reg_c = NeuronSteadiness(compiled, {name: 1.5}, num_classes=3, queue_batches=2)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x, y = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+        want = F.cross_entropy(eager(x), y) + reg(y)
+        got = F.cross_entropy(compiled(x), y) + reg_c(y)
+        assert got.item() == pytest.approx(want.item(), rel=1e-6)
+        assert reg_c.last[name].item() == pytest.approx(reg.last["out"].item(), rel=1e-6)
+        want.backward()
+        got.backward()
+    for p, q in zip(eager.parameters(), twin.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6)
+
+
 def test_unknown_layer_name_lists_closest_valid_names():
     with pytest.raises(ValueError, match=r"'fc' is not a module of the model; closest valid names: .*fc1"):
         NeuronSteadiness(MLP(4, [3, 3], 2), {"fc": 1.0}, num_classes=2)
     with pytest.raises(ValueError, match=r"'rleu2'.*relu2"):
         NeuronSteadiness(MLP(4, [3, 3], 2), ["rleu2"], num_classes=2)
+    # a wrapped model suggests names as they read unwrapped, and never the wrapper itself
+    with pytest.raises(ValueError, match=r"closest valid names: fc2, fc1$"):
+        NeuronSteadiness(FakeDDP(MLP(4, [3, 3], 2)), ["fc"], num_classes=2)
 
 
 @pytest.mark.parametrize("kwargs,match", [
