@@ -20,7 +20,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, out: str, dump: str) -> None:
+def _worker(rank: int, port: int, out: str, dump: str, args: list[str] = ARGS) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE="2", OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
@@ -39,7 +39,7 @@ def _worker(rank: int, port: int, out: str, dump: str) -> None:
 
     engine.Trainer.fit = fit_and_dump
     try:
-        engine.train(parse_args([*ARGS, "--out", out]))
+        engine.train(parse_args([*args, "--out", out]))
     finally:
         dist.destroy_process_group()
 
@@ -56,3 +56,26 @@ def test_two_ranks_end_with_identical_weights_and_nsr_memory(tmp_path):
     assert r0["samples"] == r1["samples"] == (64 - 13) // 2
     m = json.loads(open(os.path.join(out, "metrics.json")).read())
     assert m["world_size"] == 2 and m["global_steps"] == 3 and m["finished"]
+
+
+def _run(tmp_path, name, args):
+    out, dump = str(tmp_path / name), str(tmp_path / f"{name}-dump")
+    os.makedirs(dump, exist_ok=True)
+    mp.spawn(_worker, args=(free_port(), out, dump, args), nprocs=2, join=True)
+    ranks = [torch.load(os.path.join(dump, f"rank{r}.pt"), weights_only=True) for r in (0, 1)]
+    return ranks, json.loads(open(os.path.join(out, "metrics.json")).read())
+
+
+def test_two_ranks_resume_like_a_straight_run(tmp_path):
+    two_epochs = [a for a in ARGS if a not in ("--max-steps", "3")] + ["--epochs", "2", "--fake-size", "40"]
+    straight, m_straight = _run(tmp_path, "straight", two_epochs)
+    _run(tmp_path, "resumed", [*two_epochs, "--epochs", "1"])
+    resumed, m_resumed = _run(tmp_path, "resumed", [*two_epochs, "--resume"])
+    for key in straight[0]["model"]:
+        assert torch.equal(resumed[0]["model"][key], straight[0]["model"][key]), key
+        assert torch.equal(resumed[1]["model"][key], straight[0]["model"][key]), key
+    for key in straight[0]["nsr"]:
+        assert torch.equal(resumed[1]["nsr"][key], straight[0]["nsr"][key]), key
+    drop = lambda h: [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in h]  # noqa: E731
+    assert len(m_resumed["history"]) == 2 and m_resumed["finished"]
+    assert drop(m_resumed["history"]) == drop(m_straight["history"])
