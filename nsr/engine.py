@@ -537,8 +537,11 @@ def train(cfg: Config) -> dict:
     except Interrupted:
         trainer.save("last.pt")
         trainer.write_metrics(finished=False)
-        raise RunInterrupted(f"interrupted in epoch {trainer.pos.epoch + 1} at step {trainer.pos.step}; "
-                             f"saved {os.path.join(cfg.out, 'last.pt')}; continue with --resume") from None
+        where = f"interrupted in epoch {trainer.pos.epoch + 1} at step {trainer.pos.step}"
+        if not rt.main:  # rank 0 saves for all ranks
+            raise RunInterrupted(f"rank {rt.rank}: {where}") from None
+        raise RunInterrupted(f"{where}; saved {os.path.join(cfg.out, 'last.pt')}; "
+                             "continue with --resume") from None
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)

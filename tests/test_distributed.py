@@ -2,11 +2,14 @@
 
 import json
 import os
+import signal
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
+from nsr.errors import RunInterrupted
 from tests.conftest import ROOT
 
 ARGS = ["--config", os.path.join(ROOT, "configs", "resnet18_cifar10.yaml"), "--dataset", "fake",
@@ -20,7 +23,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, out: str, dump: str, args: list[str] = ARGS) -> None:
+def _worker(rank: int, port: int, out: str, dump: str, args: list[str] = ARGS,
+            interrupt_at: int | None = None) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE="2", OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
@@ -38,8 +42,20 @@ def _worker(rank: int, port: int, out: str, dump: str, args: list[str] = ARGS) -
         return metrics
 
     engine.Trainer.fit = fit_and_dump
+    if interrupt_at is not None:  # Ctrl-C reaching every rank during the same step
+        check = engine.Trainer._check_finite
+
+        def check_and_interrupt(self, since_step):
+            check(self, since_step)
+            if self.pos.global_step == interrupt_at and not self.interrupt:
+                os.kill(os.getpid(), signal.SIGINT)  # (the engine checks again once interrupted)
+
+        engine.Trainer._check_finite = check_and_interrupt
     try:
         engine.train(parse_args([*args, "--out", out]))
+    except RunInterrupted as e:
+        with open(os.path.join(dump, f"rank{rank}.interrupted"), "w") as f:
+            f.write(str(e))
     finally:
         dist.destroy_process_group()
 
@@ -58,18 +74,26 @@ def test_two_ranks_end_with_identical_weights_and_nsr_memory(tmp_path):
     assert m["world_size"] == 2 and m["global_steps"] == 3 and m["finished"]
 
 
-def _run(tmp_path, name, args):
+def _run(tmp_path, name, args, interrupt_at=None):
     out, dump = str(tmp_path / name), str(tmp_path / f"{name}-dump")
     os.makedirs(dump, exist_ok=True)
-    mp.spawn(_worker, args=(free_port(), out, dump, args), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), out, dump, args, interrupt_at), nprocs=2, join=True)
+    if interrupt_at is not None:
+        return [open(os.path.join(dump, f"rank{r}.interrupted")).read() for r in (0, 1)]
     ranks = [torch.load(os.path.join(dump, f"rank{r}.pt"), weights_only=True) for r in (0, 1)]
     return ranks, json.loads(open(os.path.join(out, "metrics.json")).read())
 
 
-def test_two_ranks_resume_like_a_straight_run(tmp_path):
+@pytest.mark.parametrize("stop", ["epoch", "ctrl-c"])
+def test_two_ranks_resume_like_a_straight_run(tmp_path, stop):
     two_epochs = [a for a in ARGS if a not in ("--max-steps", "3")] + ["--epochs", "2", "--fake-size", "40"]
     straight, m_straight = _run(tmp_path, "straight", two_epochs)
-    _run(tmp_path, "resumed", [*two_epochs, "--epochs", "1"])
+    if stop == "epoch":
+        _run(tmp_path, "resumed", [*two_epochs, "--epochs", "1"])
+    else:  # in the middle of epoch 2 (2 steps per epoch per rank)
+        messages = _run(tmp_path, "resumed", two_epochs, interrupt_at=3)
+        assert messages[0].startswith("interrupted in epoch 2 at step 1; saved ")
+        assert messages[1] == "rank 1: interrupted in epoch 2 at step 1"
     resumed, m_resumed = _run(tmp_path, "resumed", [*two_epochs, "--resume"])
     for key in straight[0]["model"]:
         assert torch.equal(resumed[0]["model"][key], straight[0]["model"][key]), key
