@@ -11,22 +11,15 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .fileio import atomic_path
 
 FORMAT = "nsr-checkpoint-v1"
 
 
 def save_checkpoint(state: dict, path: str) -> None:
-    """Write to a temporary file in the same folder, then os.replace: a crash never leaves a
-    half-written checkpoint under `path`."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
+    """Write atomically (see fileio): a crash never leaves a half-written checkpoint under `path`."""
+    with atomic_path(path) as tmp:
         torch.save({"format": FORMAT, **state}, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:

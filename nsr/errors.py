@@ -1,4 +1,6 @@
-"""User-facing errors: one line on stderr and a non-zero exit, never a traceback."""
+"""The one error convention of every entry point (the three scripts, nsr.search, nsr.reproduce,
+nsr.report, nsr.analyze): a problem the user can fix raises UserError, and run_cli turns it into
+one line `error: <message>` on stderr and exit code 2, never a traceback."""
 
 from __future__ import annotations
 
@@ -18,10 +20,17 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type name if it has none), at most `limit` chars."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
+
+
 def run_cli(main: Callable[[], object]) -> None:
-    """Run a script's main(); turn UserError into `error: <message>` and an exit code."""
+    """Run an entry point's main(); UserError -> `error: <message>`, exit 2; Ctrl-C -> exit 130.
+    A non-zero int returned by main() becomes the exit code."""
     try:
-        main()
+        code = main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
@@ -31,3 +40,5 @@ def run_cli(main: Callable[[], object]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
+    if isinstance(code, int) and code:
+        sys.exit(code)
