@@ -20,11 +20,14 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "random_crop", "random_flip", "cutout", "normalize",
-           "augment_batch"]
+__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "IMAGENET_MEAN", "IMAGENET_STD", "random_crop", "random_flip",
+           "cutout", "normalize", "augment_batch"]
 
+# Per-channel statistics on the [0, 1] scale, as normalize() takes them; the project's only copy.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _check_batch(x: torch.Tensor) -> None:
