@@ -21,13 +21,20 @@ class MLP(nn.Sequential):
 
     NSR targets read as layer names: `out` (logits), `fc2` (pre-activation) or `relu2` (post-ReLU).
     Weights are Xavier-normal and biases zero, as in the paper's original code.
+    dropout: rate p of an nn.Dropout `drop<i>` after each `relu<i>` (active in train mode only);
+    p = 0 adds no module, so the model is exactly the paper's. `relu<i>` is the response before
+    dropout, `drop<i>` the one after it.
     """
 
-    def __init__(self, in_features: int, hidden: list[int], num_classes: int):
+    def __init__(self, in_features: int, hidden: list[int], num_classes: int, dropout: float = 0.0):
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be a rate in [0, 1), got {dropout!r}")
         layers: list[tuple[str, nn.Module]] = [("flatten", nn.Flatten())]
         width = in_features
         for i, size in enumerate(hidden, start=1):
             layers += [(f"fc{i}", nn.Linear(width, size)), (f"relu{i}", nn.ReLU())]
+            if dropout > 0:
+                layers.append((f"drop{i}", nn.Dropout(dropout)))
             width = size
         layers.append(("out", nn.Linear(width, num_classes)))
         super().__init__(OrderedDict(layers))
