@@ -1,4 +1,8 @@
-"""Checkpoints: written atomically, read with torch.load(weights_only=True) only."""
+"""Checkpoints: what they hold, written atomically, read with torch.load(weights_only=True) only.
+
+A training checkpoint (last.pt, best.pt) holds everything a bit-exact resume needs: model,
+optimizer, scheduler, AMP scaler, NSR memory, every RNG state, the config, the position in the
+run and the running sums of the current epoch."""
 
 from __future__ import annotations
 
@@ -10,10 +14,13 @@ import zipfile
 import numpy as np
 import torch
 
-from .errors import UserError
+from .errors import UserError, one_line
 from .fileio import atomic_path
 
 FORMAT = "nsr-checkpoint-v1"
+# Settings that may differ between a run and its resumption; any other change is refused.
+RESUMABLE_CHANGES = {"epochs", "max_steps", "out", "device", "workers", "quiet", "resume",
+                     "overwrite", "data_dir", "eval_batch_size"}
 
 
 def save_checkpoint(state: dict, path: str) -> None:
@@ -63,3 +70,46 @@ def set_rng_state(state: dict) -> None:
     random.setstate((3, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_resumable(path: str, config: dict, map_location="cpu") -> dict:
+    """Read a checkpoint and check that it continues the run configured by `config`."""
+    state = load_checkpoint(path, map_location=map_location)
+    saved = state.get("config")
+    if not isinstance(saved, dict):
+        raise UserError(f"checkpoint {path} holds no config; it cannot be resumed")
+    changed = [k for k in config if k not in RESUMABLE_CHANGES and k in saved and saved[k] != config[k]]
+    if changed:
+        diffs = ", ".join(f"{k}: {saved[k]!r} -> {config[k]!r}" for k in changed[:4])
+        raise UserError(f"cannot resume {path}: settings differ from the saved run ({diffs}); "
+                        "resume with the same settings or start a new --out")
+    return state
+
+
+def training_state(trainer) -> dict:
+    """The checkpoint of an nsr.engine.Trainer."""
+    return {"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
+            "scheduler": trainer.scheduler.state_dict(), "scaler": trainer.scaler.state_dict(),
+            "nsr": trainer.reg.state_dict() if trainer.reg is not None else {}, "rng": rng_state(),
+            "config": trainer.config_dict, "position": trainer.pos.state_dict(),
+            "meter": trainer.meter.state_dict()}
+
+
+def restore_training_state(trainer, path: str, state: dict) -> None:
+    """Load `state` (from load_resumable) into an nsr.engine.Trainer; anything that does not fit,
+    a crafted file included, is one UserError."""
+    from .meters import Position
+
+    try:
+        trainer.model.load_state_dict(state["model"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.scheduler.load_state_dict(state["scheduler"])
+        trainer.scaler.load_state_dict(state["scaler"])
+        if trainer.reg is not None:
+            trainer.reg.load_state_dict(state["nsr"])
+        set_rng_state(state["rng"])
+        trainer.pos = Position.from_state(state["position"])
+        trainer.meter.load_state_dict(state["meter"])
+    except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:
+        raise UserError(f"checkpoint {path} does not fit this run ({type(e).__name__}: "
+                        f"{one_line(e)})") from None

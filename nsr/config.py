@@ -244,14 +244,17 @@ def validate(cfg: Config) -> None:
             raise UserError(f"{key} must be at least 1, got {getattr(cfg, key)}")
     if cfg.val_size is not None and cfg.val_size < 1:
         raise UserError(f"val_size must be at least 1, got {cfg.val_size}")
-    if cfg.threads < 0:
-        raise UserError(f"threads must be >= 0 (0 picks automatically), got {cfg.threads}")
-    if cfg.workers < 0:
-        raise UserError(f"workers must be >= 0, got {cfg.workers}")
+    _check_machine_counts(cfg)
+    if not 0 <= cfg.seed < 2**32:
+        raise UserError(f"seed must lie in 0..{2**32 - 1}, got {cfg.seed}")
+    if cfg.cutout < 0:
+        raise UserError(f"cutout must be >= 0 (0: no Cutout), got {cfg.cutout}")
     for key in ("lr", "momentum", "weight_decay", "gamma"):
         value = getattr(cfg, key)
         if not math.isfinite(value) or value < 0:
             raise UserError(f"{key} must be a finite number >= 0, got {value}")
+    if cfg.optimizer == "sgd" and cfg.nesterov and cfg.momentum == 0:
+        raise UserError("nesterov needs momentum > 0; set momentum (e.g. --momentum 0.9) or --no-nesterov")
     for key, choices in CHOICES.items():
         if getattr(cfg, key) not in choices:
             raise UserError(f"{key} must be one of {', '.join(choices)}, got {getattr(cfg, key)!r}")
@@ -267,6 +270,17 @@ def validate(cfg: Config) -> None:
         if len(cfg.lambda_) != len(cfg.nsr_layers):
             raise UserError(f"got {len(cfg.lambda_)} lambda values for {len(cfg.nsr_layers)} NSR layers "
                             f"({', '.join(cfg.nsr_layers)}); give one value per layer or a single value")
+
+
+def _check_machine_counts(cfg: Config) -> None:
+    """threads and workers start OS threads and processes: a number far beyond the machine's CPUs
+    would exhaust it (torch even crashes at exit with threads=10**6) instead of running faster."""
+    limit = 4 * (os.cpu_count() or 1) + 32
+    for key, meaning in (("threads", "0 picks automatically"), ("workers", "data-loading processes")):
+        value = getattr(cfg, key)
+        if not 0 <= value <= limit:
+            raise UserError(f"{key} must lie in 0..{limit} on this machine ({os.cpu_count()} CPUs; "
+                            f"{meaning}), got {value}")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

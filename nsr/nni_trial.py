@@ -21,7 +21,7 @@ import math
 import os
 from typing import Any
 
-__all__ = ["in_trial", "get_trial_parameters", "report_intermediate", "report_final"]
+__all__ = ["in_trial", "get_trial_parameters", "config_overrides", "report_intermediate", "report_final"]
 
 
 def in_trial() -> bool:
@@ -43,6 +43,18 @@ def get_trial_parameters() -> dict[str, Any] | None:
 
     params = nni.get_next_parameter()
     return dict(params) if params else {}
+
+
+def config_overrides(params: dict[str, Any]) -> dict[str, Any]:
+    """The tuner's parameters as config keys. A search space names one layer (`nsr_layer`) and one
+    λ, which the config holds as lists: `nsr_layer: fc` becomes `nsr_layers: [fc]`, and a single
+    λ is applied to every NSR layer (config validation repeats a one-value list per layer)."""
+    overrides = dict(params)
+    if "nsr_layer" in overrides:
+        overrides["nsr_layers"] = [overrides.pop("nsr_layer")]
+    if "lambda" in overrides and not isinstance(overrides["lambda"], list):
+        overrides["lambda"] = [overrides["lambda"]]
+    return overrides
 
 
 def _finite(name: str, value: float) -> float:

@@ -80,17 +80,38 @@ def test_resume_gives_identical_history(tmp_path):
     assert all(torch.equal(a["nsr"][k], b["nsr"][k]) for k in a["nsr"])
 
 
-def test_max_steps_stops_early_and_still_reports(tmp_path):
-    m = train(parse_args([*FAST, "--epochs", "5", "--max-steps", "7", "--out", str(tmp_path / "r")]))
-    assert m["global_steps"] == 7 and m["epochs"] == 1 and m["finished"]
+def test_max_steps_stop_inside_an_epoch_resumes_like_a_straight_run(tmp_path):
+    """digits at batch 32: 36 steps per epoch. --max-steps 15 stops inside epoch 1; resuming with
+    --max-steps 50 must run the other 21 steps of epoch 1, then 14 of epoch 2, as a straight run does."""
+    straight = train(parse_args([*FAST, "--epochs", "5", "--max-steps", "50", "--out", str(tmp_path / "a")]))
+    first = train(parse_args([*FAST, "--epochs", "5", "--max-steps", "15", "--out", str(tmp_path / "b")]))
+    assert (first["global_steps"], first["epochs"], first["finished"]) == (15, 0, True)
+    assert first["history"] == [] and first["best_epoch"] == -1, "a partial epoch is not a finished one"
+    partial = first["partial_epoch"]
+    assert (partial["epoch"], partial["step"], partial["of"]) == (1, 15, 36)
+    assert 0 <= partial["val_acc"] <= 100 and 0 <= partial["test_acc"] <= 100
+    assert not (tmp_path / "b" / "best.pt").exists()
+    position = load_checkpoint(str(tmp_path / "b" / "last.pt"))["position"]
+    assert (position["epoch"], position["step"], position["global_step"]) == (0, 15, 15)
+    resumed = train(parse_args([*FAST, "--epochs", "5", "--max-steps", "50", "--out", str(tmp_path / "b"),
+                                "--resume"]))
+    assert resumed["global_steps"] == straight["global_steps"] == 50
+    assert without_times(resumed["history"]) == without_times(straight["history"])
+    assert len(straight["history"]) == 1 and straight["partial_epoch"]["step"] == 14
+    assert {k: v for k, v in resumed["partial_epoch"].items()} == straight["partial_epoch"]
+    a = load_checkpoint(str(tmp_path / "a" / "last.pt"))
+    b = load_checkpoint(str(tmp_path / "b" / "last.pt"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["nsr"][k], b["nsr"][k]) for k in a["nsr"])
+    assert torch.equal(a["meter"]["losses"], b["meter"]["losses"])
 
 
 def test_vanilla_builds_no_regularizer(tmp_path, monkeypatch):
-    import nsr.engine as engine
+    import nsr.build as build
 
     def forbidden(*args, **kwargs):
         raise AssertionError("vanilla must not build NeuronSteadiness")
 
-    monkeypatch.setattr(engine, "NeuronSteadiness", forbidden)
+    monkeypatch.setattr(build, "NeuronSteadiness", forbidden)
     m = train(parse_args([*FAST, "--no-nsr", "--epochs", "1", "--out", str(tmp_path / "v")]))
     assert m["history"][0]["nsr_loss"] == 0.0

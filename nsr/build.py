@@ -1,0 +1,124 @@
+"""What a run is made of: the runtime (device, rank), the model (checked against the data), the
+optimizer and scheduler, and the regularizer. The engine (nsr/engine.py) puts them together."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import Config
+from .errors import UserError, one_line
+from .regularizer import NeuronSteadiness
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_runtime(cfg: Config) -> Runtime:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    want = cfg.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {cfg.device!r} asked for, but no CUDA GPU is visible; use --device cpu")
+    if world > 1:
+        rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device("cuda", local) if want.startswith("cuda") else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(local)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return Runtime(device, rank, world)
+    try:
+        return Runtime(torch.device(want))
+    except RuntimeError:
+        raise UserError(f"unknown device {cfg.device!r}; use auto, cpu, cuda or cuda:N") from None
+
+
+def set_cpu_threads(cfg: Config, device: torch.device) -> None:
+    from models import is_mlp
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    elif device.type == "cpu" and is_mlp(cfg.model):
+        # An MLP's matrices are too small to split: one thread is faster, and far faster when
+        # other processes compete for the cores (OpenMP threads then wait on each other).
+        torch.set_num_threads(1)
+
+
+def build_checked_model(cfg: Config, num_classes: int, in_shape: tuple) -> nn.Module:
+    """The model, after one dry forward of two zero samples: a model that cannot take this data
+    (ResNet-50 on 1-channel images, VGG on 8x8) fails here in one line, not in the first step.
+    The same forward finds NSR settings that would silently do nothing."""
+    from models import build_model
+
+    try:
+        model = build_model(cfg.model, num_classes, in_shape)
+    except ValueError as e:
+        raise UserError(f"model {cfg.model} cannot be built for {cfg.dataset}: {one_line(e)}") from None
+    outputs, names = {}, dict(model.named_modules())
+    hooks = [names[n].register_forward_hook(lambda m, i, o, n=n: outputs.__setitem__(n, o))
+             for n in (cfg.nsr_layers if cfg.nsr else []) if n in names]
+    model.eval()
+    try:
+        model(torch.zeros(2, *in_shape))
+    except RuntimeError as e:
+        raise UserError(f"model {cfg.model} cannot take {cfg.dataset}'s inputs of shape {tuple(in_shape)} "
+                        f"({one_line(e, 160)}); choose a model for this data set") from None
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for name, out in outputs.items():
+        if torch.is_tensor(out) and not out.requires_grad:
+            raise UserError(f"NSR layer {name!r} has no trainable parameters before it (its output is "
+                            "the input data), so NSR would change nothing; choose a later layer")
+    if cfg.nsr and cfg.per_channel and outputs and all(o.dim() <= 2 for o in outputs.values()):
+        raise UserError(f"per_channel averages N x C x H x W outputs, but the NSR layers "
+                        f"({', '.join(outputs)}) give N x D; drop --per-channel")
+    return model.train()
+
+
+def build_optimizer(cfg: Config, model: nn.Module):
+    params = model.parameters()
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                              weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.scheduler == "multistep":
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, cfg.milestones, cfg.gamma)
+    elif cfg.scheduler == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0)
+    return opt, sched
+
+
+def build_regularizer(cfg: Config, model: nn.Module, num_classes: int) -> NeuronSteadiness | None:
+    if not cfg.nsr:
+        return None  # vanilla: no hooks, no cost
+    try:
+        return NeuronSteadiness(model, dict(zip(cfg.nsr_layers, cfg.lambda_)), num_classes=num_classes,
+                                queue_batches=cfg.queue_batches, active_only=cfg.active_only,
+                                per_channel=cfg.per_channel)
+    except ValueError as e:
+        raise UserError(f"{e}; set nsr_layers in the config or --nsr-layers") from None
+
+
+def amp_dtype(cfg: Config, device: torch.device):
+    if cfg.amp == "off" or (cfg.amp == "auto" and device.type != "cuda"):
+        return None
+    return torch.float16 if cfg.amp == "fp16" else torch.bfloat16

@@ -1,0 +1,104 @@
+"""Where a run stands (Position) and the running sums of the current epoch (EpochMeter).
+
+Both go into every checkpoint, so a run stopped inside an epoch resumes at the same step with the
+same sums: the epoch's row in history.csv is then the one an uninterrupted run would write.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+class EpochMeter:
+    """Sums over the training steps of one epoch, kept on the device: an update is a few kernel
+    launches and no host sync; the sums are read (a sync) only at checks and at the epoch's end.
+    A NaN or inf anywhere stays in the sum, so one check finds any non-finite step since the last."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self._no_nsr = torch.zeros((), device=self.device)  # vanilla runs: allocated once
+        self.reset()
+
+    def reset(self) -> None:
+        self.losses = torch.zeros(3, dtype=torch.float64, device=self.device)  # (loss, ce, nsr) x n
+        self.correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.seen = 0
+
+    @torch.no_grad()
+    def update(self, loss: torch.Tensor, ce: torch.Tensor, nsr: torch.Tensor | None,
+               logits: torch.Tensor, labels: torch.Tensor) -> None:
+        n = labels.shape[0]
+        nsr = nsr if nsr is not None else self._no_nsr
+        self.losses.add_(torch.stack((loss, ce, nsr)), alpha=n)
+        self.correct += (logits.argmax(1) == labels).sum()
+        self.seen += n
+
+    def finite(self) -> torch.Tensor:
+        """A 0-dim bool tensor on the device (reading it is the caller's sync)."""
+        return torch.isfinite(self.losses).all()
+
+    def summary(self) -> dict:
+        """Mean losses and training accuracy (percent) over the samples seen so far."""
+        count = max(self.seen, 1)
+        loss, ce, nsr = self.losses.tolist()
+        return {"train_loss": loss / count, "ce_loss": ce / count, "nsr_loss": nsr / count,
+                "train_acc": 100.0 * int(self.correct) / count}
+
+    def state_dict(self) -> dict:
+        return {"losses": self.losses.cpu(), "correct": self.correct.cpu(), "seen": self.seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        losses, correct, seen = state["losses"], state["correct"], state["seen"]
+        if not (torch.is_tensor(losses) and losses.shape == (3,) and losses.is_floating_point()):
+            raise ValueError("meter losses must be a float tensor of shape (3,)")
+        if not (torch.is_tensor(correct) and correct.shape == () and not correct.is_floating_point()):
+            raise ValueError("meter correct must be a 0-dim integer tensor")
+        if not isinstance(seen, int) or seen < 0:
+            raise ValueError(f"meter seen must be an int >= 0, got {seen!r}")
+        self.losses = losses.to(self.device, torch.float64)
+        self.correct = correct.to(self.device, torch.int64)
+        self.seen = seen
+
+
+@dataclass
+class Position:
+    """Where training stands. `step` is the next step inside `epoch` (0-based); `history` holds
+    one row per finished epoch; the best_* and test_* fields are those of the best validation."""
+    epoch: int = 0
+    step: int = 0
+    global_step: int = 0
+    history: list = field(default_factory=list)
+    best_val_acc: float = -1.0
+    best_epoch: int = -1
+    test_acc: float | None = None
+    test_top5_acc: float | None = None
+    train_time_s: float = 0.0          # training steps of finished epochs (no evaluation)
+    eval_time_s: float = 0.0           # validation and test
+    epoch_time_s: float = 0.0          # training time of the current epoch so far
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Position":
+        """Rebuild from a checkpoint, checking every field's type (a crafted file is a ValueError)."""
+        if not isinstance(state, dict):
+            raise ValueError("position must be a mapping")
+        known = {name: state[name] for name in cls.__dataclass_fields__ if name in state}
+        pos = cls(**known)
+        for name in ("epoch", "step", "global_step", "best_epoch"):
+            value = getattr(pos, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < -1:
+                raise ValueError(f"position {name} must be an int, got {value!r}")
+        for name in ("best_val_acc", "train_time_s", "eval_time_s", "epoch_time_s", "test_acc",
+                     "test_top5_acc"):
+            value = getattr(pos, name)
+            if not (value is None and name.startswith("test")) and (
+                    not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value)):
+                raise ValueError(f"position {name} must be a number, got {value!r}")
+        if not isinstance(pos.history, list) or not all(isinstance(r, dict) for r in pos.history):
+            raise ValueError("position history must be a list of rows")
+        return pos
