@@ -123,6 +123,12 @@ class CenterLoss(nn.Module):
             checked[name] = weight
         self._lambdas = checked
 
+    def set_lambda(self, name: str, value: float) -> None:
+        """Change one layer's lambda (checked), e.g. for a warm-up; takes effect at the next call."""
+        if name not in self._lambdas:
+            raise ValueError(f"{name!r} is not a center-loss layer; the layers are {self.names}")
+        self.lambdas = {**self._lambdas, name: value}
+
     def _make_hook(self, name: str):
         captured = self._captured  # not self: the model's hooks should not keep the regularizer alive
 

@@ -123,6 +123,15 @@ def test_lambda_change_takes_effect():
     total = reg(batches[2][1])
     assert reg.last["fc"].item() > 0
     assert total.item() == pytest.approx(5.0 * reg.last["fc"].item(), rel=1e-12)
+    reg.set_lambda("flatten", 0.5)
+    model(batches[3][0])
+    total = reg(batches[3][1])
+    assert total.item() == pytest.approx(0.5 * reg.last["flatten"].item() + 5.0 * reg.last["fc"].item(),
+                                         rel=1e-12)
+    with pytest.raises(ValueError, match=r"'out' is not a center-loss layer; the layers are \['flatten', 'fc'\]"):
+        reg.set_lambda("out", 1.0)
+    with pytest.raises(ValueError, match="must be a finite number >= 0, got inf"):
+        reg.set_lambda("fc", float("inf"))
     with pytest.raises(ValueError, match="lambdas must name exactly the layers"):
         reg.lambdas = {"fc": 1.0}
     with pytest.raises(ValueError, match="must be a finite number >= 0"):
