@@ -178,11 +178,17 @@ class LoaderBatches:
             self.samples, self.batch_size, sampler=_EpochKeys(epoch, order[start_step * self.batch_size:]),
             num_workers=self.workers, pin_memory=self.device.type == "cuda", drop_last=self.shuffle,
             generator=torch.Generator().manual_seed(_mix(self.seed, epoch, 3)))
+        batches, message = iter(loader), None
         try:
-            for xb, yb in loader:
+            for xb, yb in batches:
                 yield xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
         except UserError as e:
-            raise UserError(_worker_message(e)) from None
+            message = _worker_message(e)
+            e.__traceback__ = None  # its frames hold the loader's iterator in a reference cycle
+        finally:
+            del batches  # the workers stop here and now, not in a later fork or at exit
+        if message is not None:
+            raise UserError(message)
 
     def __iter__(self):
         return self.iterate(0)
@@ -212,9 +218,9 @@ def validation_size(cfg, n_train: int, n_test: int, source: str) -> int:
         raise UserError(f"the training set of {source} is empty (0 samples); add training data")
     if n_test == 0:
         raise UserError(f"the test set of {source} is empty (0 samples); add test data")
-    if cfg.val_size is None and n_train < 2:
-        raise UserError(f"the training set of {source} has {n_train} sample: too few to hold out a "
-                        "validation set (at least 2 needed)")
+    if n_train < 2:
+        raise UserError(f"the training set of {source} has 1 sample: too few to hold out a "
+                        "validation set (at least 2 needed); add training data")
     val_size = cfg.val_size or (10_000 if n_train >= 50_000 else max(1, round(0.2 * n_train)))
     if val_size >= n_train:
         raise UserError(f"val_size {val_size} leaves no training data ({source} has {n_train} training "
@@ -279,6 +285,11 @@ def load_data(cfg, device: torch.device, rank: int = 0, world: int = 1) -> Data:
     for y, what in ((train_y, "training"), (test_y, "test")):
         check_labels(y, num_classes, what)
     in_shape = tuple(train_x.shape[1:])
+    if min(in_shape) < 1:
+        raise UserError(f"the images of {cfg.dataset} have no pixels (shape {in_shape}); check the data files")
+    if len(test_y) and tuple(test_x.shape[1:]) != in_shape:
+        raise UserError(f"the images of {cfg.dataset} do not fit together: training {in_shape}, test "
+                        f"{tuple(test_x.shape[1:])} (channels x height x width); check the data files")
     val_size = validation_size(cfg, len(train_y), len(test_y), cfg.dataset)
     train_idx, val_idx = split(len(train_y), val_size)
     check_batch_size(cfg, len(train_idx), world)

@@ -47,8 +47,8 @@ def check_data_dir(data_dir: str) -> None:
     while not os.path.exists(path) and os.path.dirname(path) != path:
         path = os.path.dirname(path)
     if not os.path.isdir(path):
-        where = "is a file" if path == os.path.abspath(data_dir) else f"lies under the file {path}"
-        raise UserError(f"--data-dir {data_dir} {where}, not a folder; point --data-dir at the folder "
+        what = "is a file" if path == os.path.abspath(data_dir) else f"cannot exist: {path} is a file"
+        raise UserError(f"--data-dir {data_dir} {what}, not a folder; point --data-dir at the folder "
                         "that holds the data set")
 
 

@@ -47,11 +47,13 @@ def image_files(folder: str) -> list[str]:
 def scan(data_dir: str) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, int]]]:
     """(classes, train samples, test samples); samples are (path, label) with train/'s labels."""
     train_dir, val_dir = os.path.join(data_dir, "train"), os.path.join(data_dir, "val")
+    if not os.path.isdir(data_dir):
+        raise UserError(f"--data-dir {data_dir} does not exist; imagenet needs {LAYOUT} (it is never "
+                        "downloaded)")
     for folder in (train_dir, val_dir):
         if not os.path.isdir(folder):
             what = "is not a folder" if os.path.exists(folder) else "does not exist"
-            raise UserError(f"imagenet needs an ImageFolder layout, {LAYOUT}; {folder} {what} "
-                            "(imagenet is never downloaded)")
+            raise UserError(f"{folder} {what}; imagenet needs an ImageFolder layout, {LAYOUT}")
     classes = class_names(train_dir)
     if not classes:
         raise UserError(f"{train_dir} holds no class folders; imagenet needs {LAYOUT}")
@@ -80,14 +82,15 @@ def _first(names: list[str], k: int = 5) -> str:
 
 def read_image(path: str):
     """The image at `path` as an RGB PIL image; a file PIL cannot decode is a UserError naming it."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     try:
         with open(path, "rb") as f:
             return Image.open(f).convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise UserError(f"cannot read image {path} ({type(e).__name__}: {one_line(e)}); replace or "
-                        "remove the file") from None
+        why = ("not an image PIL can decode" if isinstance(e, UnidentifiedImageError)
+               else f"{type(e).__name__}: {one_line(e)}")
+        raise UserError(f"cannot read image {path} ({why}); replace or remove the file") from None
 
 
 class ImageFiles(torch.utils.data.Dataset):
