@@ -149,3 +149,137 @@ def test_labels_outside_the_classes_and_oversized_batches_are_rejected(tmp_path)
                   torch.device("cpu"))
     with pytest.raises(UserError, match="batch_size 2000 is larger than the training set"):
         load_data(parse_args(["--dataset", "digits", "--batch-size", "2000"]), torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------------------- CIFAR-10
+
+CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+
+
+def write_cifar_like(data_dir, n=10, seed=0):
+    """cifar-10-batches-py/ as the python version of CIFAR-10 has it: dicts of a uint8 'data'
+    array N x 3072 (1024 red, then green, then blue values, rows of 32) and a list of 'labels',
+    pickled with protocol 2 and numpy named as the numpy of 2009 did (numpy.core.multiarray)."""
+    import pickle
+
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(data_dir, "cifar-10-batches-py")
+    os.makedirs(folder)
+    batches = {}
+    for name in CIFAR_FILES:
+        batch = {"batch_label": name, "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 "labels": [int(v) for v in rng.integers(0, 10, n)]}
+        raw = pickle.dumps(batch, protocol=2).replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(raw)
+        batches[name] = batch
+    return folder, batches
+
+
+def test_cifar10_batches_are_read_pixel_for_pixel(tmp_path):
+    folder, batches = write_cifar_like(tmp_path, n=10)
+    cfg = parse_args(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--model", "resnet18",
+                      "--val-size", "10", "--batch-size", "8", "--augment", "none"])
+    data = load_data(cfg, torch.device("cpu"))
+    assert data.num_classes == 10 and data.in_shape == (3, 32, 32)
+    assert (data.train.num_samples, data.val.num_samples, data.test.num_samples) == (40, 10, 10)
+    # test image n, channel c, row h, column w is data[n, 1024 c + 32 h + w] of test_batch
+    x, y = data.test.x, data.test.y
+    raw = batches["test_batch"]["data"]
+    for n, c, h, w in [(0, 0, 0, 0), (3, 2, 5, 31), (9, 1, 31, 7)]:
+        assert int(x[n, c, h, w]) == raw[n, 1024 * c + 32 * h + w]
+    assert y.tolist() == batches["test_batch"]["labels"]
+    labels = sorted(batches[f"data_batch_{i}"]["labels"][k] for i in range(1, 6) for k in range(10))
+    assert sorted(torch.cat([data.train.y, data.val.y]).tolist()) == labels
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncated", r"data_batch_3 is not a CIFAR-10 batch \(UnpicklingError: pickle data was truncated\)"),
+    ("empty", r"data_batch_3 is not a CIFAR-10 batch \(EOFError: Ran out of input\)"),
+    ("garbage", r"data_batch_3 is not a CIFAR-10 batch \(UnpicklingError: invalid load key"),
+    ("wrong-shape", r"data_batch_3 is not a CIFAR-10 batch \(no uint8 'data' N x 3072 with N integer 'labels'\)"),
+    ("code", r"data_batch_3 is not a CIFAR-10 batch \(UnpicklingError: refusing to load posix.system\)"),
+    ("missing", r"cifar-10-batches-py holds only part of CIFAR-10: missing data_batch_3;"),
+])
+def test_damaged_cifar10_folder_names_the_file_and_never_downloads_or_runs_code(tmp_path, damage, message):
+    import pickle
+
+    folder, _ = write_cifar_like(tmp_path, n=4)
+    path = os.path.join(folder, "data_batch_3")
+    raw = open(path, "rb").read()
+    marker = tmp_path / "ran"
+    replacement = {
+        "truncated": raw[:len(raw) // 2], "empty": b"", "garbage": bytes(range(7, 250)),
+        "wrong-shape": pickle.dumps({"data": np.zeros((4, 100), np.uint8), "labels": [0] * 4}),
+        "code": pickle.dumps({"data": _RunsCode(str(marker)), "labels": []}, protocol=2),
+    }
+    if damage == "missing":
+        os.remove(path)
+    else:
+        open(path, "wb").write(replacement[damage])
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(UserError, match=message):
+        load_data(parse_args(["--dataset", "cifar10", "--data-dir", str(tmp_path)]), torch.device("cpu"))
+    assert sorted(os.listdir(tmp_path)) == before and not marker.exists()
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+# ---------------------------------------------------------------------------------- sizes
+
+@pytest.mark.parametrize("n_train, n_test, argv, message", [
+    (0, 5, [], r"the training set of mnist is empty \(0 samples\); add training data"),
+    (50, 0, [], r"the test set of mnist is empty \(0 samples\); add test data"),
+    (1, 5, ["--val-size", "1"], r"has 1 sample: too few to hold out a validation set \(at least 2 needed\)"),
+    (50, 5, ["--val-size", "50"], r"val_size 50 leaves no training data \(mnist has 50 training samples\); "
+                                  r"choose --val-size below 50"),
+    (50, 5, ["--batch-size", "41"], r"batch_size 41 is larger than the training set \(40 samples per process\)"),
+])
+def test_empty_and_too_small_sets_say_which(tmp_path, n_train, n_test, argv, message):
+    write_mnist_like(tmp_path, n_train=n_train, n_test=n_test)
+    with pytest.raises(UserError, match=message):
+        load_data(parse_args(["--dataset", "mnist", "--data-dir", str(tmp_path), *argv]), torch.device("cpu"))
+
+
+def test_images_of_other_sizes_or_no_pixels_are_refused(tmp_path):
+    write_mnist_like(tmp_path / "a", n_train=20, n_test=5)
+    with gzip.open(tmp_path / "a" / (IDX_FILES["test_images"] + ".gz"), "wb") as f:
+        f.write(idx_bytes(np.zeros((5, 20, 20))))
+    with pytest.raises(UserError, match=r"training \(1, 28, 28\), test \(1, 20, 20\)"):
+        load_data(parse_args(["--dataset", "mnist", "--data-dir", str(tmp_path / "a"), "--batch-size", "4"]),
+                  torch.device("cpu"))
+    write_mnist_like(tmp_path / "b", n_train=20, n_test=5, size=0)
+    with pytest.raises(UserError, match=r"the images of mnist have no pixels \(shape \(1, 0, 0\)\)"):
+        load_data(parse_args(["--dataset", "mnist", "--data-dir", str(tmp_path / "b"), "--batch-size", "4"]),
+                  torch.device("cpu"))
+
+
+def test_a_data_dir_that_is_a_file_is_named_before_any_search_or_download(tmp_path):
+    a_file = tmp_path / "data.tar"
+    a_file.write_bytes(b"x")
+    for dataset in ("mnist", "fashion-mnist", "cifar10", "imagenet"):
+        with pytest.raises(UserError, match=rf"--data-dir {a_file} is a file, not a folder"):
+            load_data(parse_args(["--dataset", dataset, "--data-dir", str(a_file)]), torch.device("cpu"))
+    with pytest.raises(UserError, match=rf"--data-dir {a_file}/sub cannot exist: {a_file} is a file"):
+        load_data(parse_args(["--dataset", "mnist", "--data-dir", str(a_file / "sub")]), torch.device("cpu"))
+    assert os.listdir(tmp_path) == ["data.tar"]
+
+
+def test_damaged_gzip_streams_are_named(tmp_path):
+    write_mnist_like(tmp_path, n_train=20, n_test=5)
+    path = tmp_path / (IDX_FILES["train_images"] + ".gz")
+    raw = bytearray(path.read_bytes())
+    raw[20:60] = bytes(b ^ 0x5A for b in raw[20:60])  # inside the deflate stream: zlib.error
+    path.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match=r"cannot read .*train-images-idx3-ubyte.gz: Error -3 while "
+                                        r"decompressing data.*the file is damaged, download it again"):
+        read_idx(str(path))
+    path.write_bytes(b"plain text")
+    with pytest.raises(UserError, match=r"Not a gzipped file .*the file is damaged"):
+        read_idx(str(path))
