@@ -126,18 +126,22 @@ class FakeImages(torch.utils.data.Dataset):
 
 def load_imagefolder(cfg, device, rank, world) -> Data:
     """ImageNet from cfg.data_dir (or `fake` images for ResNet-50) as DataLoader batches."""
+    if cfg.dataset == "fake":
+        classes, train_samples, test_samples, source = None, [], [], "fake"
+    else:  # before torchvision's import: a wrong layout is reported in a second
+        classes, train_samples, test_samples = scan(cfg.data_dir)
+        source = f"the ImageFolder {cfg.data_dir}"
     import torchvision.transforms as T
 
     norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     train_tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), norm])
     eval_tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), norm])
-    if cfg.dataset == "fake":
+    if classes is None:
         num_classes, n = 1000, cfg.fake_size
         train_all, val_all = FakeImages(n, 1000, cfg.seed, train_tf), FakeImages(n, 1000, cfg.seed, eval_tf)
-        test, source = FakeImages(max(n // 4, 1), 1000, cfg.seed + n, eval_tf), "fake"
+        test = FakeImages(max(n // 4, 1), 1000, cfg.seed + n, eval_tf)
     else:
-        classes, train_samples, test_samples = scan(cfg.data_dir)
-        num_classes, source = len(classes), f"the ImageFolder {cfg.data_dir}"
+        num_classes = len(classes)
         train_all, val_all = ImageFiles(train_samples, train_tf), ImageFiles(train_samples, eval_tf)
         test = ImageFiles(test_samples, eval_tf)
     val_size = validation_size(cfg, len(train_all), len(test), source)
