@@ -14,7 +14,7 @@ import zipfile
 import numpy as np
 import torch
 
-from .errors import UserError, one_line
+from .errors import UserError
 from .fileio import atomic_path
 
 FORMAT = "nsr-checkpoint-v1"
@@ -109,7 +109,17 @@ def restore_training_state(trainer, path: str, state: dict) -> None:
             trainer.reg.load_state_dict(state["nsr"])
         set_rng_state(state["rng"])
         trainer.pos = Position.from_state(state["position"])
-        trainer.meter.load_state_dict(state["meter"])
+        trainer.meter.load_state_dict(state["meter"] if "meter" in state else _old_meter(state["position"]))
+        if not 0 <= trainer.pos.step <= len(trainer.data.train) or trainer.pos.epoch < 0:
+            raise ValueError(f"position epoch {trainer.pos.epoch}, step {trainer.pos.step} lies outside "
+                             f"this run's epochs of {len(trainer.data.train)} steps")
     except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:
-        raise UserError(f"checkpoint {path} does not fit this run ({type(e).__name__}: "
-                        f"{one_line(e)})") from None
+        detail = " ".join(str(e).split())[:200]  # load_state_dict's messages span several lines
+        raise UserError(f"checkpoint {path} does not fit this run ({type(e).__name__}: {detail})") from None
+
+
+def _old_meter(position: dict) -> dict:
+    """Checkpoints written before the meter had its own entry kept its sums in the position."""
+    sums = position.get("sums") or {}
+    return {"losses": sums.get("losses", torch.zeros(3, dtype=torch.float64)),
+            "correct": sums.get("correct", torch.zeros((), dtype=torch.int64)), "seen": position.get("seen", 0)}

@@ -24,7 +24,7 @@ def free_port() -> int:
 
 
 def _worker(rank: int, port: int, out: str, dump: str, args: list[str] = ARGS,
-            interrupt_at: int | None = None) -> None:
+            interrupt_at: int | None = None, interrupt_ranks: tuple[int, ...] = (0, 1)) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE="2", OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
@@ -35,22 +35,22 @@ def _worker(rank: int, port: int, out: str, dump: str, args: list[str] = ARGS,
 
     fit = engine.Trainer.fit
 
-    def fit_and_dump(self):
-        metrics = fit(self)
+    def fit_and_dump(self, stop):
+        metrics = fit(self, stop)
         torch.save({"model": self.model.state_dict(), "nsr": self.reg.state_dict(),
                     "samples": self.data.train.num_samples}, os.path.join(dump, f"rank{rank}.pt"))
         return metrics
 
     engine.Trainer.fit = fit_and_dump
-    if interrupt_at is not None:  # Ctrl-C reaching every rank during the same step
-        check = engine.Trainer._check_finite
+    if interrupt_at is not None and rank in interrupt_ranks:  # Ctrl-C reaching these ranks only
+        step = engine.Trainer.train_step
 
-        def check_and_interrupt(self, since_step):
-            check(self, since_step)
-            if self.pos.global_step == interrupt_at and not self.interrupt:
-                os.kill(os.getpid(), signal.SIGINT)  # (the engine checks again once interrupted)
+        def step_and_interrupt(self, xb, yb):
+            step(self, xb, yb)
+            if self.pos.global_step + 1 == interrupt_at:  # (the position advances after the step)
+                os.kill(os.getpid(), signal.SIGINT)
 
-        engine.Trainer._check_finite = check_and_interrupt
+        engine.Trainer.train_step = step_and_interrupt
     try:
         engine.train(parse_args([*args, "--out", out]))
     except RunInterrupted as e:
@@ -74,24 +74,27 @@ def test_two_ranks_end_with_identical_weights_and_nsr_memory(tmp_path):
     assert m["world_size"] == 2 and m["global_steps"] == 3 and m["finished"]
 
 
-def _run(tmp_path, name, args, interrupt_at=None):
+def _run(tmp_path, name, args, interrupt_at=None, interrupt_ranks=(0, 1)):
     out, dump = str(tmp_path / name), str(tmp_path / f"{name}-dump")
     os.makedirs(dump, exist_ok=True)
-    mp.spawn(_worker, args=(free_port(), out, dump, args, interrupt_at), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), out, dump, args, interrupt_at, interrupt_ranks), nprocs=2, join=True)
     if interrupt_at is not None:
         return [open(os.path.join(dump, f"rank{r}.interrupted")).read() for r in (0, 1)]
     ranks = [torch.load(os.path.join(dump, f"rank{r}.pt"), weights_only=True) for r in (0, 1)]
     return ranks, json.loads(open(os.path.join(out, "metrics.json")).read())
 
 
-@pytest.mark.parametrize("stop", ["epoch", "ctrl-c"])
+@pytest.mark.parametrize("stop", ["epoch", "ctrl-c", "ctrl-c-rank-1-only"])
 def test_two_ranks_resume_like_a_straight_run(tmp_path, stop):
     two_epochs = [a for a in ARGS if a not in ("--max-steps", "3")] + ["--epochs", "2", "--fake-size", "40"]
     straight, m_straight = _run(tmp_path, "straight", two_epochs)
     if stop == "epoch":
         _run(tmp_path, "resumed", [*two_epochs, "--epochs", "1"])
     else:  # in the middle of epoch 2 (2 steps per epoch per rank)
-        messages = _run(tmp_path, "resumed", two_epochs, interrupt_at=3)
+        # rank 1 alone: without agreement it would leave the loop while rank 0 waits in the
+        # next gradient all-reduce (the test would hang, then fail on mp.spawn's timeout)
+        ranks = (1,) if stop == "ctrl-c-rank-1-only" else (0, 1)
+        messages = _run(tmp_path, "resumed", two_epochs, interrupt_at=3, interrupt_ranks=ranks)
         assert messages[0].startswith("interrupted in epoch 2 at step 1; saved ")
         assert messages[1] == "rank 1: interrupted in epoch 2 at step 1"
     resumed, m_resumed = _run(tmp_path, "resumed", [*two_epochs, "--resume"])

@@ -138,10 +138,49 @@ def _script_cases(tmp, ref_out):
                          ["already holds a finished run; pass --overwrite"]),
         "malicious-last.pt": ("fdnn_nsr.py", [*ref, "--out", evil, "--resume"],
                               ["refusing to load", "only load checkpoints you trust"]),
+        "nesterov-no-momentum": ("cnn_nsr.py", ["--momentum", "0", "--out", os.path.join(tmp, "o3")],
+                                 ["nesterov needs momentum > 0"]),
+        "threads-huge": ("fdnn_nsr.py", [*RUN, "--threads", "1000000", "--out", os.path.join(tmp, "o4")],
+                         ["threads must lie in 0..", "got 1000000"]),
+        "fake-size-huge": ("fdnn_vanilla.py", [*RUN, "--dataset", "fake", "--fake-size", "1000000000000",
+                                               "--out", os.path.join(tmp, "o5")],
+                           ["not enough memory", "lower --batch-size, --eval-batch-size or --fake-size"]),
+        "per-channel-2d": ("fdnn_nsr.py", [*RUN, "--per-channel", "--out", os.path.join(tmp, "o6")],
+                           ["per_channel averages N x C x H x W outputs", "(out) give N x D"]),
+        "nsr-on-input": ("fdnn_nsr.py", [*RUN, "--nsr-layers", "flatten", "--out", os.path.join(tmp, "o7")],
+                         ["NSR layer 'flatten' has no trainable parameters before it"]),
+        "crafted-position": ("fdnn_nsr.py", [*ref, "--out", _crafted(tmp, ref_out, "position"), "--resume"],
+                             ["does not fit this run", "position epoch must be an int, got 'x'"]),
+        "crafted-shape": ("fdnn_nsr.py", [*ref, "--out", _crafted(tmp, ref_out, "shape"), "--resume"],
+                          ["does not fit this run", "size mismatch for fc1.weight"]),
+        "resume-without-last.pt": ("fdnn_nsr.py", [*ref, "--out", _crafted(tmp, ref_out, "no-last"), "--resume"],
+                                   ["holds a run (metrics.json, history.csv, best.pt) but no last.pt",
+                                    "--overwrite"]),
     }
     if offline_reason("mnist") is None:
         del cases["offline"]  # this machine can download MNIST: the case cannot happen here
     return cases
+
+
+_CRAFTED = {"crafted-position": "crafted-position", "crafted-shape": "crafted-shape",
+            "resume-without-last.pt": "crafted-no-last"}
+
+
+def _crafted(tmp, ref_out, damage):
+    """A copy of the finished run whose last.pt carries the format marker but bad contents."""
+    out = os.path.join(tmp, f"crafted-{damage}")
+    shutil.copytree(ref_out, out)
+    last = os.path.join(out, "last.pt")
+    if damage == "no-last":
+        os.remove(last)
+        return out
+    state = torch.load(last, weights_only=True)
+    if damage == "position":
+        state["position"]["epoch"] = "x"
+    else:
+        state["model"]["fc1.weight"] = torch.zeros(3)
+    torch.save(state, last)
+    return out
 
 
 class _Payload:
@@ -162,16 +201,20 @@ def script_runs(reference, tmp_path_factory):
     ref_out = reference[0]
     before = fingerprint(ref_out)
     results = {}
-    for name, (script, args, fragments) in _script_cases(tmp, ref_out).items():
+    cases = _script_cases(tmp, ref_out)
+    crafted_before = {case: fingerprint(os.path.join(tmp, folder)) for case, folder in _CRAFTED.items()}
+    for name, (script, args, fragments) in cases.items():
         start = time.monotonic()
         proc = popen(script, *args)
         _, stderr = proc.communicate(timeout=180)
         results[name] = (proc.returncode, stderr, fragments, time.monotonic() - start)
-    return {"results": results, "tmp": tmp, "ref_before": before}
+    return {"results": results, "tmp": tmp, "ref_before": before, "crafted_before": crafted_before}
 
 
 @pytest.mark.parametrize("case", ["unknown-flag", "lambda-nan", "invalid-yaml", "nsr-layer", "offline",
-                                  "out-under-a-file", "finished-run", "malicious-last.pt"])
+                                  "out-under-a-file", "finished-run", "malicious-last.pt",
+                                  "nesterov-no-momentum", "threads-huge", "fake-size-huge", "per-channel-2d",
+                                  "nsr-on-input", "crafted-position", "crafted-shape", "resume-without-last.pt"])
 def test_bad_input_through_the_real_scripts(script_runs, reference, case):
     if case not in script_runs["results"]:
         pytest.skip("this machine reaches the MNIST mirrors")
@@ -183,9 +226,12 @@ def test_bad_input_through_the_real_scripts(script_runs, reference, case):
         # no retry loop: start-up (torch import, under load) plus a probe of a few seconds at most
         assert seconds < 60, seconds
         assert os.listdir(os.path.join(tmp, "empty")) == [], "nothing created in --data-dir"
-    if case in ("nsr-layer", "offline"):
-        assert not os.path.exists(os.path.join(tmp, {"nsr-layer": "o1", "offline": "o2"}[case])), \
-            "a run that cannot start leaves no output folder"
+    new_out = {"nsr-layer": "o1", "offline": "o2", "nesterov-no-momentum": "o3", "threads-huge": "o4",
+               "fake-size-huge": "o5", "per-channel-2d": "o6", "nsr-on-input": "o7"}
+    if case in new_out:
+        assert not os.path.exists(os.path.join(tmp, new_out[case])), "a run that cannot start leaves no output folder"
+    if case.startswith("crafted") or case == "resume-without-last.pt":
+        assert script_runs["crafted_before"][case] == fingerprint(os.path.join(tmp, _CRAFTED[case]))
     if case == "finished-run":
         assert fingerprint(reference[0]) == script_runs["ref_before"]
     if case == "malicious-last.pt":
@@ -256,7 +302,7 @@ def test_checkpoint_holds_everything_a_resume_needs(reference):
     out, metrics = reference
     state = load_checkpoint(os.path.join(out, "last.pt"))
     assert state["format"] == FORMAT
-    assert {"model", "optimizer", "scheduler", "nsr", "rng", "config", "position"} <= set(state)
+    assert {"model", "optimizer", "scheduler", "nsr", "rng", "config", "position", "meter"} <= set(state)
     assert state["model"] and state["optimizer"]["param_groups"] and "last_epoch" in state["scheduler"]
     assert any(torch.is_tensor(v) and v.abs().sum() > 0 for v in state["nsr"].values()), "NSR memory"
     assert {"torch", "numpy", "python"} <= set(state["rng"])
@@ -345,9 +391,10 @@ def test_sigint_saves_a_mid_epoch_checkpoint_and_resume_gives_identical_metrics(
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr and "continue with --resume" in stderr
-    position = load_checkpoint(os.path.join(out, "last.pt"))["position"]
+    state = load_checkpoint(os.path.join(out, "last.pt"))
+    position = state["position"]
     assert position["step"] > 0, "a Ctrl-C checkpoint holds the position inside the epoch"
-    assert 2 <= position["epoch"] < EPOCHS and position["seen"] > 0
+    assert 2 <= position["epoch"] < EPOCHS and state["meter"]["seen"] == 32 * position["step"]
     resumed = train(parse_args([*RUN, "--epochs", str(EPOCHS), "--out", out, "--resume"], default_config=MLP4))
     assert outcome(resumed) == outcome(reference[1])
 
@@ -366,3 +413,121 @@ def test_nonfinite_loss_stops_naming_epoch_step_and_the_kept_checkpoint(tmp_path
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     assert not metrics["finished"] and len(metrics["history"]) == 1
+
+
+# ---------------------------------------------------------------------------------- --overwrite
+
+def _finished_copy(reference, tmp_path):
+    out = str(tmp_path / "run")
+    shutil.copytree(reference[0], out)
+    return out, fingerprint(out)
+
+
+def _wait_for(path, proc, seconds=120):
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(path):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.005)
+
+
+def test_overwrite_that_diverges_before_its_first_checkpoint_keeps_the_finished_run(reference, tmp_path):
+    out, before = _finished_copy(reference, tmp_path)
+    proc = popen("fdnn_nsr.py", *RUN, "--epochs", str(EPOCHS), "--out", out, "--overwrite", "--lambda", "1e30")
+    _, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 2
+    assert_one_error_line(stderr, "loss became NaN or infinite in epoch 1", "no checkpoint of this run",
+                          f"the previous run in {out} is kept as it was")
+    assert fingerprint(out) == before, "best.pt, last.pt, metrics.json, history.csv, config.yaml untouched"
+
+
+def test_overwrite_that_raises_before_its_first_checkpoint_keeps_the_finished_run(reference, tmp_path,
+                                                                                   monkeypatch):
+    import nsr.engine as engine
+
+    out, before = _finished_copy(reference, tmp_path)
+    step = engine.Trainer.train_step
+
+    def fails_at_step_3(self, xb, yb):
+        if self.pos.step == 2:
+            assert set(os.listdir(out)) == {"config.yaml", f".previous-{os.getpid()}"}, "the old run is set aside"
+            raise RuntimeError("a bug in the training step")
+        step(self, xb, yb)
+
+    monkeypatch.setattr(engine.Trainer, "train_step", fails_at_step_3)
+    with pytest.raises(RuntimeError, match="a bug in the training step"):
+        train(parse_args([*RUN, "--epochs", str(EPOCHS), "--out", out, "--overwrite"], default_config=MLP4))
+    assert fingerprint(out) == before
+
+
+def test_overwrite_replaces_the_old_run_once_the_new_one_has_a_checkpoint(reference, tmp_path):
+    out, _ = _finished_copy(reference, tmp_path)
+    m = train(parse_args([*RUN, "--epochs", "1", "--lr", "0.02", "--out", out, "--overwrite"], default_config=MLP4))
+    assert sorted(os.listdir(out)) == ["best.pt", "config.yaml", "history.csv", "last.pt", "metrics.json"]
+    assert len(m["history"]) == 1 and load_checkpoint(os.path.join(out, "last.pt"))["config"]["lr"] == 0.02
+
+
+def _overwrite_with_long_epochs(out):
+    """An --overwrite run whose first epoch takes seconds (batch 1: 1,150 steps); returns it once
+    it has set the old run aside."""
+    proc = popen("fdnn_nsr.py", *RUN, "--batch-size", "1", "--epochs", str(EPOCHS), "--out", out, "--overwrite")
+    _wait_for(os.path.join(out, f".previous-{proc.pid}"), proc)
+    _wait_for(os.path.join(out, "config.yaml"), proc)
+    time.sleep(0.3)
+    assert not os.path.exists(os.path.join(out, "last.pt")), "still before the first checkpoint"
+    return proc
+
+
+def test_ctrl_c_before_the_first_checkpoint_of_an_overwrite_keeps_the_finished_run(reference, tmp_path):
+    out, before = _finished_copy(reference, tmp_path)
+    proc = _overwrite_with_long_epochs(out)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "before the first checkpoint" in stderr and "is kept as it was" in stderr
+    assert fingerprint(out) == before
+
+
+def test_sigkill_during_an_overwrite_then_the_next_start_restores_the_finished_run(reference, tmp_path):
+    out, before = _finished_copy(reference, tmp_path)
+    proc = _overwrite_with_long_epochs(out)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert os.path.isdir(os.path.join(out, f".previous-{proc.pid}")), "the old run survives the kill"
+    again = popen("fdnn_nsr.py", *RUN, "--epochs", str(EPOCHS), "--out", out)
+    _, stderr = again.communicate(timeout=180)
+    assert again.returncode == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"warning: restored the run in {out}"), stderr
+    assert lines[1] == f"error: {out} already holds a finished run; pass --overwrite to replace it, " \
+                       "or choose another --out"
+    assert fingerprint(out) == before
+
+
+# ---------------------------------------------------------------------------------- resume
+
+def test_resume_without_a_checkpoint_says_so_even_when_quiet_and_stale_temporaries_go(tmp_path):
+    out = tmp_path / "new"
+    out.mkdir()
+    dead = 2 ** 22 + 11  # above Linux's largest pid: no such process
+    for name in (f"last.pt.tmp.{dead}", f"best.pt.tmp.{dead}"):
+        (out / name).write_bytes(b"half a checkpoint")
+    proc = popen("fdnn_nsr.py", *RUN, "--max-steps", "2", "--out", str(out), "--resume")
+    _, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 0, stderr
+    assert stderr.strip() == f"warning: --resume: no checkpoint in {out}; starting a new run there"
+    assert sorted(os.listdir(out)) == ["config.yaml", "history.csv", "last.pt", "metrics.json"]
+
+
+def test_max_steps_stop_then_resume_gives_identical_metrics(tmp_path, reference):
+    """digits at batch 32 has 36 steps per epoch: --max-steps 50 stops inside epoch 2."""
+    out = str(tmp_path / "run")
+    proc = popen("fdnn_nsr.py", *RUN, "--epochs", str(EPOCHS), "--max-steps", "50", "--out", out)
+    stdout, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 0, stderr
+    assert "stopped by --max-steps in epoch 2 at step 14/36" in stdout
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert len(metrics["history"]) == 1 and metrics["partial_epoch"]["step"] == 14
+    resumed = train(parse_args([*RUN, "--epochs", str(EPOCHS), "--out", out, "--resume"], default_config=MLP4))
+    assert resumed["partial_epoch"] is None
+    assert outcome(resumed) == outcome(reference[1])
