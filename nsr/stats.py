@@ -4,30 +4,35 @@ Conventions (the paper's Table: "2.29±0.07", gain "28.38%"):
 
 * ``mean_std``: mean and *sample* standard deviation (ddof=1). With one value the std is NaN
   (undefined), with no values both are NaN; NaN entries in the input are dropped first.
-* ``relative_gain``: (err_vanilla - err_nsr) / err_vanilla * 100, from the two *mean* errors.
-  NaN when the vanilla error is 0 or either error is NaN.
-* ``paired_ttest``: two-sided paired t-test over seeds (pairs (a_i, b_i), usually the same seed).
-  d_i = a_i - b_i, t = mean(d) / (sd(d) / sqrt(n)) with sd ddof=1, df = n - 1,
-  p = 2 * P(T_df > |t|). Degenerate cases never raise:
+* ``relative_gain``: (err_baseline - err_other) / err_baseline * 100, from the two *mean* errors.
+  NaN when the baseline error is 0 or either error is NaN.
+* ``paired_ttest``: two-sided paired t-test over seeds (pairs (a_i, b_i), usually the same seed),
+  scipy.stats.ttest_rel: t = mean(d) / (sd(d) / sqrt(n)), d = a - b, df = n - 1. Cases where the
+  test is undefined never raise:
     - fewer than 2 pairs: t and p are NaN (no test possible);
     - all differences identical and zero (the two methods scored the same on every seed):
       t = 0, p = 1.0 (no evidence of any difference);
     - all differences identical but non-zero: the t statistic is infinite and the test's
       assumption (normal differences with positive variance) does not hold, so t = +-inf and
       p = NaN ("n/a" in the table) rather than a misleading 0.
+
+NaN means "undefined" throughout; ``json_safe`` writes it as null in JSON files.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import math
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+from scipy import stats as scipy_stats  # installed with scikit-learn
 
 __all__ = [
-    "mean_std", "relative_gain", "paired_ttest", "paired_pvalue",
+    "mean_std", "relative_gain", "paired_ttest", "describe", "versus", "summarize",
     "format_mean_std", "format_gain", "format_pvalue",
-    "summarize", "results_table", "table_markdown", "table_csv",
+    "results_table", "table_markdown", "table_csv", "json_safe",
 ]
 
 
@@ -46,14 +51,14 @@ def mean_std(values: Iterable[float]) -> tuple[float, float]:
     return mean, std
 
 
-def relative_gain(err_vanilla: float, err_nsr: float) -> float:
-    """Relative error reduction of NSR over vanilla, in percent (NaN if undefined)."""
-    if err_vanilla is None or err_nsr is None:
+def relative_gain(err_baseline: float, err_other: float) -> float:
+    """Relative error reduction of `other` over the baseline, in percent (NaN if undefined)."""
+    if err_baseline is None or err_other is None:
         return math.nan
-    ev, en = float(err_vanilla), float(err_nsr)
-    if math.isnan(ev) or math.isnan(en) or ev == 0:
+    base, other = float(err_baseline), float(err_other)
+    if math.isnan(base) or math.isnan(other) or base == 0:
         return math.nan
-    return (ev - en) / ev * 100.0
+    return (base - other) / base * 100.0
 
 
 def paired_ttest(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
@@ -66,27 +71,42 @@ def paired_ttest(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
     if a_arr.shape != b_arr.shape:
         raise ValueError(f"paired t-test needs equally many values, got {a_arr.size} and {b_arr.size}")
     keep = ~(np.isnan(a_arr) | np.isnan(b_arr))
-    d = a_arr[keep] - b_arr[keep]
-    n = d.size
-    if n < 2:
+    a_arr, b_arr = a_arr[keep], b_arr[keep]
+    d = a_arr - b_arr
+    if d.size < 2:
         return math.nan, math.nan
-    mean = float(d.mean())
-    sd = float(d.std(ddof=1))
-    # Differences equal up to float rounding count as "no variance".
+    # scipy returns NaN or a p of 0 when the differences have no spread; differences equal up
+    # to float rounding count as no spread.
     scale = max(float(np.abs(d).max()), 1e-300)
-    if sd <= 1e-12 * scale:
-        if abs(mean) <= 1e-12 * scale:
+    if float(d.std(ddof=1)) <= 1e-12 * scale:
+        if abs(float(d.mean())) <= 1e-12 * scale:
             return 0.0, 1.0
-        return math.copysign(math.inf, mean), math.nan
-    t = mean / (sd / math.sqrt(n))
-    from scipy.stats import t as student_t  # scipy comes with scikit-learn
-    p = float(2.0 * student_t.sf(abs(t), df=n - 1))
-    return t, min(p, 1.0)
+        return math.copysign(math.inf, float(d.mean())), math.nan
+    result = scipy_stats.ttest_rel(a_arr, b_arr)
+    return float(result.statistic), float(result.pvalue)
 
 
-def paired_pvalue(a: Sequence[float], b: Sequence[float]) -> float:
-    """The p-value of ``paired_ttest``."""
-    return paired_ttest(a, b)[1]
+def describe(errors: Mapping[int, float]) -> dict:
+    """{"mean", "std", "n"} of one variant's per-seed test errors {seed: error %}."""
+    mean, std = mean_std(errors.values())
+    return {"mean": mean, "std": std, "n": int(_clean(errors.values()).size)}
+
+
+def versus(baseline: Mapping[int, float], other: Mapping[int, float]) -> dict:
+    """Gain of `other` over `baseline` (from all seeds of each) and the paired t-test over the
+    seeds both have: {"gain", "t", "p", "paired_n"}."""
+    common = sorted(set(baseline) & set(other))
+    t, p = paired_ttest([baseline[s] for s in common], [other[s] for s in common])
+    gain = relative_gain(mean_std(baseline.values())[0], mean_std(other.values())[0])
+    return {"gain": gain, "t": t, "p": p, "paired_n": len(common)}
+
+
+def summarize(by_variant: Mapping[str, Mapping[int, float]], baseline: str = "vanilla") -> dict:
+    """One table column: {variant: describe(...) plus, for every variant but the baseline,
+    versus(baseline, variant)}. Variants keep their order."""
+    base = by_variant.get(baseline, {})
+    return {name: {**describe(errors), **({} if name == baseline else versus(base, errors))}
+            for name, errors in by_variant.items()}
 
 
 def format_mean_std(mean: float, std: float, digits: int = 2) -> str:
@@ -99,7 +119,7 @@ def format_mean_std(mean: float, std: float, digits: int = 2) -> str:
 
 
 def format_gain(gain: float, digits: int = 2) -> str:
-    """'28.38%' (negative when NSR is worse); 'n/a' when NaN."""
+    """'28.38%' (negative when the variant is worse than the baseline); 'n/a' when NaN."""
     if gain is None or math.isnan(gain):
         return "n/a"
     return f"{gain:.{digits}f}%"
@@ -114,39 +134,26 @@ def format_pvalue(p: float) -> str:
     return f"{p:.1e}"
 
 
-def summarize(vanilla: Mapping[int, float], nsr: Mapping[int, float]) -> dict:
-    """Numbers for one table column from per-seed test errors {seed: error %} of both variants.
+def results_table(columns: Mapping[str, Mapping[str, dict]], labels: Mapping[str, str],
+                  baseline: str = "vanilla") -> list[list[str]]:
+    """The paper's layout as rows of strings.
 
-    Means and stds use every seed a variant has; the t-test pairs the seeds both have.
-    """
-    v_mean, v_std = mean_std(vanilla.values())
-    n_mean, n_std = mean_std(nsr.values())
-    common = sorted(set(vanilla) & set(nsr))
-    t, p = paired_ttest([vanilla[s] for s in common], [nsr[s] for s in common])
-    return {
-        "vanilla_mean": v_mean, "vanilla_std": v_std, "vanilla_n": len(_clean(vanilla.values())),
-        "nsr_mean": n_mean, "nsr_std": n_std, "nsr_n": len(_clean(nsr.values())),
-        "gain": relative_gain(v_mean, n_mean),
-        "t": t, "p": p, "paired_n": len(common),
-    }
-
-
-ROW_NAMES = ("Vanilla", "Vanilla + NSR", "Gain", "p-value")
-
-
-def results_table(columns: Mapping[str, Mapping]) -> list[list[str]]:
-    """The paper's layout as rows of strings: header, Vanilla, Vanilla + NSR, Gain, p-value.
-
-    columns: {column title: summarize(...) result}, in display order.
+    columns: {column title: summarize(...)}, in display order, every column with the same
+    variants; labels: {variant: row label}. Rows: header, one mean±std row per variant, then
+    Gain and p-value against the baseline. With one compared variant these are the paper's
+    "Gain" and "p-value" rows; with several, one pair per variant ("Gain: <label>").
     """
     titles = list(columns)
+    variants = list(next(iter(columns.values()), {}))
+    compared = [v for v in variants if v != baseline]
     rows = [["Model", *titles]]
-    rows.append(["Vanilla", *(format_mean_std(columns[c]["vanilla_mean"], columns[c]["vanilla_std"])
-                             for c in titles)])
-    rows.append(["Vanilla + NSR", *(format_mean_std(columns[c]["nsr_mean"], columns[c]["nsr_std"])
-                                   for c in titles)])
-    rows.append(["Gain", *(format_gain(columns[c]["gain"]) for c in titles)])
-    rows.append(["p-value", *(format_pvalue(columns[c]["p"]) for c in titles)])
+    for v in variants:
+        rows.append([labels.get(v, v), *(format_mean_std(columns[c][v]["mean"], columns[c][v]["std"])
+                                         for c in titles)])
+    for v in compared:
+        suffix = "" if len(compared) == 1 else f": {labels.get(v, v)}"
+        rows.append([f"Gain{suffix}", *(format_gain(columns[c][v]["gain"]) for c in titles)])
+        rows.append([f"p-value{suffix}", *(format_pvalue(columns[c][v]["p"]) for c in titles)])
     return rows
 
 
@@ -164,8 +171,17 @@ def table_markdown(rows: list[list[str]]) -> str:
 
 def table_csv(rows: list[list[str]]) -> str:
     """The same rows as CSV text (UTF-8, '±' kept inside the cells)."""
-    import csv
-    import io
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows(rows)
     return buf.getvalue()
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float (an undefined statistic) as None, for strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value

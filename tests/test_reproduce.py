@@ -1,52 +1,47 @@
-"""nsr.reproduce: planning, skip/resume/overwrite, failures, tables and curves.
+"""nsr.reproduce and nsr.report: planning, skip/resume/refuse, failures, N variants, tables, curves,
+and bad input through the real entry points.
 
-Most tests drive the runner against a stand-in training script (fast, deterministic); the last
-one runs the real scripts on scikit-learn's digits for 2 epochs (skipped if they are absent).
+Most tests drive the runner against a stand-in training script that parses its flags with the
+real nsr.config (fast, deterministic); the last one runs the real scripts on scikit-learn's digits.
 """
 
 import json
 import math
 import os
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from nsr import reproduce, stats
+from nsr import report, reproduce, stats
+from nsr.reproduce import Variant
 
 REPO = Path(__file__).resolve().parent.parent
 
 FAKE_TRAINER = textwrap.dedent('''
-    import argparse, json, os, sys
-    p = argparse.ArgumentParser()
-    for flag in ("--config", "--out", "--dataset", "--data-dir", "--max-steps"):
-        p.add_argument(flag)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lambda", dest="lam", nargs="+", type=float)
-    for flag in ("--quiet", "--resume", "--overwrite", "--no-nsr"):
-        p.add_argument(flag, action="store_true")
-    a = p.parse_args()
-    nsr = "nsr" in os.path.basename(sys.argv[0]) and not a.no_nsr
-    variant = "nsr" if nsr else "vanilla"
+    import json, os, sys, yaml
+    from nsr.config import parse_args, to_dict
+    cfg = parse_args(sys.argv[1:])
+    variant = "nsr" if cfg.nsr else "vanilla"
     with open(os.environ["FAKE_CALLS"], "a") as f:
-        f.write(json.dumps({"variant": variant, "seed": a.seed, "resume": a.resume,
-                            "overwrite": a.overwrite, "lambda": a.lam, "epochs": a.epochs,
-                            "dataset": a.dataset, "max_steps": a.max_steps}) + "\\n")
-    if os.environ.get("FAKE_FAIL") == f"{variant}{a.seed}":
+        f.write(json.dumps({"variant": variant, "seed": cfg.seed, "resume": cfg.resume,
+                            "overwrite": cfg.overwrite, "lambda": cfg.lambda_ if cfg.nsr else None,
+                            "epochs": cfg.epochs, "dataset": cfg.dataset, "argv": sys.argv[1:],
+                            "queue_batches": cfg.queue_batches, "nsr_layers": cfg.nsr_layers}) + "\\n")
+    if os.environ.get("FAKE_FAIL") == f"{variant}{cfg.seed}":
         print("Traceback (most recent call last):\\nRuntimeError: boom", file=sys.stderr)
         sys.exit(3)
-    os.makedirs(a.out, exist_ok=True)
-    # test error: vanilla 3.0 + 0.1*seed, NSR 2.0 + 0.05*seed (percent)
-    err = (2.0 + 0.05 * a.seed) if nsr else (3.0 + 0.1 * a.seed)
-    hist = [{"val_acc": 0.5 + 0.1 * e + (0.05 if nsr else 0.0) + 0.01 * a.seed,
-             "train_loss": 1.0} for e in range(a.epochs)]
-    open(os.path.join(a.out, "last.pt"), "w").write("x")
-    json.dump({"model": "mlp4", "dataset": a.dataset or "fashion-mnist", "seed": a.seed,
-               "lambda": a.lam if nsr else None, "epochs": a.epochs, "test_error": err,
-               "test_acc": 100 - err, "finished": True, "history": hist},
-              open(os.path.join(a.out, "metrics.json"), "w"))
+    os.makedirs(cfg.out, exist_ok=True)
+    yaml.safe_dump(to_dict(cfg), open(os.path.join(cfg.out, "config.yaml"), "w"))
+    # test error: vanilla 3.0 + 0.1*seed, NSR 2.0 + 0.05*seed, minus 0.01 per queue batch beyond 5
+    err = (2.0 + 0.05 * cfg.seed - 0.01 * (cfg.queue_batches - 5)) if cfg.nsr else (3.0 + 0.1 * cfg.seed)
+    hist = [{"val_acc": 50 + 10 * e + (5 if cfg.nsr else 0) + cfg.seed} for e in range(cfg.epochs)]
+    open(os.path.join(cfg.out, "last.pt"), "w").write("x")
+    json.dump({"model": cfg.model, "dataset": cfg.dataset, "seed": cfg.seed, "epochs": cfg.epochs,
+               "test_error": err, "test_acc": 100 - err, "finished": True, "history": hist},
+              open(os.path.join(cfg.out, "metrics.json"), "w"))
 ''')
 
 
@@ -54,9 +49,10 @@ FAKE_TRAINER = textwrap.dedent('''
 def fake_repo(tmp_path, monkeypatch):
     repo = tmp_path / "repo"
     (repo / "configs").mkdir(parents=True)
-    for name in ("mlp4", "mlp6", "resnet18_cifar10"):
-        (repo / "configs" / f"{name}.yaml").write_text(f"model: {name}\n")
-    for script in ("fdnn_nsr.py", "fdnn_vanilla.py", "cnn_nsr.py"):
+    for name, text in (("mlp4", "model: mlp4\nepochs: 3\n"), ("mlp6", "model: mlp6\nepochs: 3\n"),
+                       ("resnet18_cifar10", "model: resnet18\ndataset: cifar10\nepochs: 3\n")):
+        (repo / "configs" / f"{name}.yaml").write_text(text)
+    for script in ("fdnn_nsr.py", "cnn_nsr.py"):
         (repo / script).write_text(FAKE_TRAINER)
     calls = tmp_path / "calls.jsonl"
     monkeypatch.setenv("FAKE_CALLS", str(calls))
@@ -65,20 +61,23 @@ def fake_repo(tmp_path, monkeypatch):
 
 
 def _calls(path):
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def _main(repo, out, *extra):
-    return reproduce.main(["--repo", str(repo), "--out", str(out), "--python", sys.executable,
-                           *extra])
+def _main(repo, out, *extra, variants=reproduce.VARIANTS):
+    return reproduce.main(["--repo", str(repo), "--out", str(out), *extra], variants=variants)
+
+
+def _snapshot(folder: Path) -> dict:
+    """Every file under folder with its size and mtime (to show nothing was written or deleted)."""
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in Path(folder).rglob("*")
+            if p.is_file()}
 
 
 def test_runs_skips_and_reruns_only_missing(fake_repo, tmp_path, capsys):
     repo, calls = fake_repo
     out = tmp_path / "out"
-    assert _main(repo, out, "--models", "mlp4", "--seeds", "2", "--epochs", "3") == 0
+    assert _main(repo, out, "--models", "mlp4", "--seeds", "2") == 0
     assert len(_calls(calls)) == 4  # 2 seeds x (vanilla, nsr)
     table = (out / "table.md").read_text()
     # vanilla: 3.0, 3.1 -> 3.05 ± 0.0707; NSR: 2.0, 2.05 -> 2.025 ± 0.0354
@@ -87,27 +86,26 @@ def test_runs_skips_and_reruns_only_missing(fake_repo, tmp_path, capsys):
     assert "| Vanilla       | 3.05±0.07 |" in table
     assert "| Vanilla + NSR | 2.02±0.04 |" in table or "| Vanilla + NSR | 2.03±0.04 |" in table
     assert "33.61%" in table
-    p = 1 - 2 / math.pi * math.atan(41)
-    assert stats.format_pvalue(p) in table
+    assert stats.format_pvalue(1 - 2 / math.pi * math.atan(41)) in table
     assert (out / "table.csv").read_text().splitlines()[0] == "Model,MLP-4"
     assert (out / "curves.png").stat().st_size > 1000
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["mlp4"]["summary"]["paired_n"] == 2
-    assert summary["mlp4"]["nsr"]["1"]["test_error"] == pytest.approx(2.05)
+    assert summary["mlp4"]["nsr"]["summary"]["paired_n"] == 2
+    assert summary["mlp4"]["vanilla"]["summary"]["std"] == pytest.approx(math.sqrt(0.005))
+    assert summary["mlp4"]["nsr"]["runs"]["1"]["test_error"] == pytest.approx(2.05)
 
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("mlp4/*/seed*/metrics.json")}
     assert len(mtimes) == 4
     capsys.readouterr()
-    assert _main(repo, out, "--models", "mlp4", "--seeds", "2", "--epochs", "3") == 0
+    assert _main(repo, out, "--models", "mlp4", "--seeds", "2") == 0
     assert len(_calls(calls)) == 4  # nothing re-trained
     assert capsys.readouterr().out.count("skipped (finished)") == 4
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
 
     # Losing one run's metrics.json re-runs that run only (resumed: its last.pt is still there).
     (out / "mlp4" / "nsr" / "seed1" / "metrics.json").unlink()
-    assert _main(repo, out, "--models", "mlp4", "--seeds", "2", "--epochs", "3") == 0
-    new = _calls(calls)[4:]
-    assert [(c["variant"], c["seed"], c["resume"]) for c in new] == [("nsr", 1, True)]
+    assert _main(repo, out, "--models", "mlp4", "--seeds", "2") == 0
+    assert [(c["variant"], c["seed"], c["resume"]) for c in _calls(calls)[4:]] == [("nsr", 1, True)]
     for p, t in mtimes.items():
         if "nsr/seed1" not in p.as_posix():
             assert p.stat().st_mtime_ns == t
@@ -116,16 +114,16 @@ def test_runs_skips_and_reruns_only_missing(fake_repo, tmp_path, capsys):
 def test_interrupted_and_stale_runs(fake_repo, tmp_path):
     repo, calls = fake_repo
     out = tmp_path / "out"
-    interrupted = reproduce.run_dir(out, "mlp4", "vanilla", 0)
+    interrupted = report.run_dir(out, "mlp4", "vanilla", 0)
     interrupted.mkdir(parents=True)
     (interrupted / "last.pt").write_text("x")
     (interrupted / "metrics.json").write_text(json.dumps({"finished": False}))
-    stale = reproduce.run_dir(out, "mlp4", "nsr", 0)
+    stale = report.run_dir(out, "mlp4", "nsr", 0)
     stale.mkdir(parents=True)
     (stale / "metrics.json").write_text("{truncated")  # no last.pt: start again
-    assert reproduce.run_state(interrupted) == "resumable"
-    assert reproduce.run_state(stale) == "stale"
-    assert reproduce.run_state(tmp_path / "nowhere") == "new"
+    assert reproduce.folder_state(interrupted) == "resumable"
+    assert reproduce.folder_state(stale) == "stale"
+    assert reproduce.folder_state(tmp_path / "nowhere") == "new"
     assert _main(repo, out, "--models", "mlp4", "--seeds", "1") == 0
     got = {c["variant"]: c for c in _calls(calls)}
     assert got["vanilla"]["resume"] and not got["vanilla"]["overwrite"]
@@ -145,8 +143,9 @@ def test_failure_is_reported_and_others_continue(fake_repo, tmp_path, monkeypatc
     assert "mlp4 nsr     seed 1: exit code 3: RuntimeError: boom" in captured.err  # and at the end
     assert "mlp4-nsr-seed1.stderr.log" in captured.err
     # the table is still written from the 5 finished runs
-    summary = json.loads((out / "summary.json").read_text())["mlp4"]["summary"]
-    assert summary["vanilla_n"] == 3 and summary["nsr_n"] == 2 and summary["paired_n"] == 2
+    summary = json.loads((out / "summary.json").read_text())["mlp4"]
+    assert summary["vanilla"]["summary"]["n"] == 3 and summary["nsr"]["summary"]["n"] == 2
+    assert summary["nsr"]["summary"]["paired_n"] == 2
     # the next invocation retries only the failed run
     monkeypatch.delenv("FAKE_FAIL")
     assert _main(repo, out, "--models", "mlp4", "--seeds", "3") == 0
@@ -165,95 +164,255 @@ def test_commands_lambda_from_extra_and_cnn(fake_repo, tmp_path, capsys):
     repo, calls = fake_repo
     out = tmp_path / "out"
     best = tmp_path / "best.json"
-    best.write_text(json.dumps({"parameters": {"lambda": 0.25}, "value": 97.1}))
+    best.write_text(json.dumps({"parameters": {"lambda": 0.25, "nsr_layer": "out"}, "value": 97.1}))
     best6 = tmp_path / "best6.json"
     best6.write_text(json.dumps({"parameters": {"lambda": [0.1, 0.2], "queue_batches": 10,
-                                                "nsr_layer": "fc4"}}))
+                                                "nsr_layers": ["fc4", "out"]}}))
     assert _main(repo, out, "--models", "mlp4", "mlp6", "resnet18_cifar10", "--seeds", "1",
                  "--lambda-from", str(best), f"mlp6={best6}", "--dataset", "digits",
                  "--extra", "--max-steps 5", "--dry-run") == 0
-    text = capsys.readouterr().out
-    lines = [line.strip() for line in text.splitlines() if line.strip().startswith("$")]
-    assert len(lines) == 6 and not _calls(calls)  # dry run trains nothing
-    mlp4_nsr = next(l for l in lines if "fdnn_nsr.py" in l and "mlp4.yaml" in l)
-    assert "--lambda 0.25" in mlp4_nsr and "--dataset digits" in mlp4_nsr and "--max-steps 5" in mlp4_nsr
-    mlp6_nsr = next(l for l in lines if "fdnn_nsr.py" in l and "mlp6.yaml" in l)
-    assert "--lambda 0.1 0.2" in mlp6_nsr
-    assert "--queue-batches 10" in mlp6_nsr and "--nsr-layers fc4" in mlp6_nsr
-    assert all("--queue-batches" not in l for l in lines if "fdnn_vanilla.py" in l)
-    assert all("--lambda" not in l for l in lines if "fdnn_vanilla.py" in l)
-    cnn = [l for l in lines if "resnet18_cifar10.yaml" in l]
-    assert all("cnn_nsr.py" in l for l in cnn)
-    assert sum("--no-nsr" in l for l in cnn) == 1
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines()
+             if line.strip().startswith("$")]
+    assert len(lines) == 6 and not _calls(calls) and not out.exists()  # a dry run touches nothing
+    nsr = {m: next(l for l in lines if f"{m}.yaml" in l and "--nsr " in l)
+           for m in ("mlp4", "mlp6", "resnet18_cifar10")}
+    assert "fdnn_nsr.py" in nsr["mlp4"] and "cnn_nsr.py" in nsr["resnet18_cifar10"]
+    assert "--lambda 0.25 --nsr-layers out" in nsr["mlp4"] and "--dataset digits" in nsr["mlp4"]
+    assert nsr["mlp4"].endswith("--max-steps 5")
+    assert "--lambda 0.1 0.2" in nsr["mlp6"]
+    assert "--queue-batches 10" in nsr["mlp6"] and "--nsr-layers fc4 out" in nsr["mlp6"]
+    vanilla = [l for l in lines if "--no-nsr" in l]
+    assert len(vanilla) == 3 and all("--lambda" not in l and "--queue" not in l for l in vanilla)
 
-    # really run the CNN pair and one MLP with the λ file
     assert _main(repo, out, "--models", "resnet18_cifar10", "--seeds", "1",
                  "--lambda-from", str(best)) == 0
     got = {c["variant"]: c for c in _calls(calls)}
     assert got["nsr"]["lambda"] == [0.25] and got["vanilla"]["lambda"] is None
 
 
-def test_changed_settings_retrain(fake_repo, tmp_path, capsys):
+def test_variants_are_data(fake_repo, tmp_path):
+    """A baseline and sweep points are entries of a Variant list: folders, commands, table rows."""
+    repo, calls = fake_repo
+    out = tmp_path / "out"
+    variants = (Variant("vanilla", nsr=False), Variant("nsr"),
+                Variant("k10", ("--queue-batches", "10")), Variant("k15", ("--queue-batches", "15")),
+                Variant("wd", ("--weight-decay", "0.0005"), nsr=False))
+    assert _main(repo, out, "--models", "mlp4", "--seeds", "2", variants=variants) == 0
+    got = {(c["argv"][c["argv"].index("--out") + 1].split("/")[-2], c["seed"]): c
+           for c in _calls(calls)}
+    assert len(got) == 10
+    assert got[("k10", 0)]["queue_batches"] == 10 and got[("k15", 1)]["queue_batches"] == 15
+    assert "--weight-decay" in got[("wd", 0)]["argv"] and got[("wd", 0)]["variant"] == "vanilla"
+    rows = [line.split(",") for line in (out / "table.csv").read_text().splitlines()]
+    # k10: errors (1.95, 2.00) -> 1.975 ± 0.035; gain (3.05 - 1.975)/3.05 = 35.25%;
+    # d = (1.05, 1.10): sd 0.035355, t = 1.075/(0.035355/sqrt 2) = 43, p = 1 - 2/pi*atan(43)
+    assert rows[0] == ["Model", "MLP-4"]
+    assert [r[0] for r in rows[1:6]] == ["Vanilla", "Vanilla + NSR", "k10", "k15", "wd"]
+    assert rows[3][1] in ("1.98±0.04", "1.97±0.04")
+    gain_k10 = next(r for r in rows if r[0] == "Gain: k10")
+    assert gain_k10[1] == "35.25%"
+    p_k10 = next(r for r in rows if r[0] == "p-value: k10")
+    assert p_k10[1] == stats.format_pvalue(1 - 2 / math.pi * math.atan(43))
+    assert next(r for r in rows if r[0] == "Gain: wd")[1] == "0.00%"  # same errors as vanilla
+    # nsr.report alone finds the same variants in the folders and writes the same table
+    before = (out / "table.csv").read_text()
+    (out / "table.csv").unlink()
+    assert report.main([str(out)]) == 0
+    assert (out / "table.csv").read_text() == before
+
+
+def test_changed_settings_are_refused(fake_repo, tmp_path, capsys):
     repo, calls = fake_repo
     out = tmp_path / "out"
     assert _main(repo, out, "--models", "mlp4", "--seeds", "1", "--epochs", "2") == 0
+    before = _snapshot(out)
+    capsys.readouterr()
+    # same folder, more epochs: the finished 2-epoch runs are not what is asked for
+    proc = _cli("-m nsr.reproduce", "--repo", str(repo), "--out", str(out), "--models", "mlp4",
+                "--seeds", "1", "--epochs", "4")
+    assert "holds a run with other settings (epochs: 2 -> 4)" in proc.stderr
+    assert "(and 1 more)" in proc.stderr
+    assert len(_calls(calls)) == 2 and _snapshot(out) == before
+    # an NSR setting from --extra counts too; execution settings (data dir, device) do not
+    proc = _cli("-m nsr.reproduce", "--repo", str(repo), "--out", str(out), "--models", "mlp4",
+                "--seeds", "1", "--epochs", "2", "--extra", "--queue-batches 7")
+    assert "queue_batches: 5 -> 7" in proc.stderr and _snapshot(out) == before
+    assert _main(repo, out, "--models", "mlp4", "--seeds", "1", "--epochs", "2",
+                 "--extra", "--device cpu --workers 0") == 0
     assert len(_calls(calls)) == 2
-    # same folder, more epochs: the finished 2-epoch runs do not count as done
-    assert _main(repo, out, "--models", "mlp4", "--seeds", "1", "--epochs", "4") == 0
-    new = _calls(calls)[2:]
-    assert len(new) == 2 and all(c["overwrite"] and c["epochs"] == 4 for c in new)
-    assert "epochs 2 != 4" in capsys.readouterr().out
 
 
 def _fabricate(out, model, variant, seed, err, val_accs):
-    folder = reproduce.run_dir(out, model, variant, seed)
+    folder = report.run_dir(out, model, variant, seed)
     folder.mkdir(parents=True)
     (folder / "metrics.json").write_text(json.dumps({
         "model": model, "seed": seed, "test_error": err, "finished": True,
         "history": [{"val_acc": v} for v in val_accs]}))
 
 
-def test_table_only_on_fabricated_runs(tmp_path, capsys):
+def test_report_on_fabricated_runs(tmp_path, capsys):
     out = tmp_path / "out"
     # MLP-3: vanilla (3.0, 3.2, 3.1), NSR (2.8, 2.9, 3.0) -> the df=2 case of test_stats:
     # means 3.10 / 2.90, stds 0.10 / 0.10, gain 0.2/3.1 = 6.45%, p = 1 - sqrt(12/14) = 0.074
     for seed, (v, n) in enumerate([(3.0, 2.8), (3.2, 2.9), (3.1, 3.0)]):
         _fabricate(out, "mlp3", "vanilla", seed, v, [90, 91, 92])
         _fabricate(out, "mlp3", "nsr", seed, n, [91, 92, 93 + seed])
-    # MLP-10: a single vanilla run, and an unfinished NSR run that must be ignored
+    # MLP-10: a single vanilla run, and an unfinished NSR run that must be left out
     _fabricate(out, "mlp10", "vanilla", 0, 3.06, [88, 89])
-    unfinished = reproduce.run_dir(out, "mlp10", "nsr", 0)
+    unfinished = report.run_dir(out, "mlp10", "nsr", 0)
     unfinished.mkdir(parents=True)
     (unfinished / "metrics.json").write_text(json.dumps({"finished": False, "test_error": 1.0}))
-    assert reproduce.main(["--out", str(out), "--table-only"]) == 0
+    proc = _cli("-m nsr.report", str(out), expect=0)
+    assert f"warning: {unfinished} is not a finished run" in proc.stderr
     rows = [line.split(",") for line in (out / "table.csv").read_text().splitlines()]
     assert rows == [["Model", "MLP-3", "MLP-10"],  # natural order: 3 before 10
                     ["Vanilla", "3.10±0.10", "3.06"],
                     ["Vanilla + NSR", "2.90±0.10", "n/a"],
                     ["Gain", "6.45%", "n/a"],
                     ["p-value", "0.074", "n/a"]]
-    assert (out / "curves.png").exists()
-    assert "| p-value" in capsys.readouterr().out
-    x, mean, std = reproduce._curve_stats([[91, 92, 93], [91, 92, 94], [91, 92, 95], [90]])
+    assert (out / "curves.png").exists() and "| p-value" in proc.stdout
+    assert json.loads((out / "summary.json").read_text())["mlp10"]["vanilla"]["summary"]["std"] is None
+    # --table-only of nsr.reproduce is the same report; --models narrows the columns
+    assert reproduce.main(["--out", str(out), "--table-only", "--models", "mlp10"]) == 0
+    assert (out / "table.csv").read_text().splitlines()[0] == "Model,MLP-10"
+    x, mean, std = report.curve_stats([[91, 92, 93], [91, 92, 94], [91, 92, 95], [90]])
     assert list(x) == [1, 2, 3] and mean[2] == pytest.approx(94) and std[2] == pytest.approx(1)
     assert std[0] == pytest.approx(0.5)  # (91, 91, 91, 90): sd ddof=1 = sqrt(0.75/3)
-    assert reproduce.main(["--out", str(tmp_path / "empty"), "--table-only"]) == 1
+    assert report.display_name("mlp10") == "MLP-10"
+    assert report.display_name("vgg19_cifar10") == "VGG-19"
 
 
-def test_errors_for_bad_input(fake_repo, tmp_path, capsys):
-    repo, _ = fake_repo
-    assert _main(repo, tmp_path / "o", "--models", "mlp5", "--seeds", "1") == 2
-    assert "no config for mlp5" in capsys.readouterr().err
-    bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"parameters": {"lr": 0.1}}))
-    with pytest.raises(SystemExit, match="no parameters.lambda"):
-        _main(repo, tmp_path / "o", "--models", "mlp4", "--lambda-from", str(bad))
-    assert reproduce.display_name("mlp10") == "MLP-10"
-    assert reproduce.display_name("vgg19_cifar10") == "VGG-19"
+def test_report_reads_the_committed_fashion_mnist_layout(tmp_path):
+    """The Fashion-MNIST runs of RESULTS.md (run folders are not committed; their per-seed numbers
+    are, in summary.json): run folders rebuilt from them give the committed table, digit for digit."""
+    committed = REPO / "results" / "fashion-mnist" / "paper_lambda"
+    if not (committed / "summary.json").is_file():
+        pytest.skip("results/fashion-mnist/paper_lambda not present")
+    out = tmp_path / "fmnist"
+    for model, entry in json.loads((committed / "summary.json").read_text()).items():
+        for variant in ("vanilla", "nsr"):
+            for seed, m in entry[variant].items():
+                folder = report.run_dir(out, model, variant, int(seed))
+                folder.mkdir(parents=True)
+                (folder / "metrics.json").write_text(json.dumps({**m, "finished": True}))
+    _cli("-m nsr.report", str(out), expect=0)
+    want = [l for l in (committed / "table.md").read_text().splitlines() if l.startswith("|")]
+    got = [l for l in (out / "table.md").read_text().splitlines() if l.startswith("|")]
+    assert got == want and len(got) == 6
 
 
-ENGINE_READY = all((REPO / f).is_file() for f in ("fdnn_nsr.py", "fdnn_vanilla.py",
-                                                  "configs/mlp4.yaml", "nsr/engine.py"))
+# ------------------------------------------------------------------------------- bad input
+
+def _cli(module, *args, expect=2, cwd=REPO):
+    """Run `python -m ...`; with expect=2: exactly one `error:` line on stderr, no traceback."""
+    env = {**os.environ, "FAKE_CALLS": os.environ.get("FAKE_CALLS", os.devnull)}
+    proc = subprocess.run([sys.executable, *module.split(), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == expect, (proc.returncode, proc.stdout, proc.stderr)
+    if expect == 2:
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return proc
+
+
+def test_bad_arguments_of_reproduce(fake_repo, tmp_path):
+    repo, calls = fake_repo
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    out = tmp_path / "out"
+    base = ["--repo", str(repo), "--models", "mlp4", "--seeds", "1"]
+    cases = {
+        "invalid int value: 'x'": ["--out", str(out), *base, "--seeds", "x"],
+        "unknown option --sedes": ["--out", str(out), *base, "--sedes", "2"],
+        "required: --out": base,
+        "--seeds must be between 1": ["--out", str(out), *base, "--seeds", "0"],
+        "--first-seed must be between": ["--out", str(out), *base, "--first-seed", "-1"],
+        "--jobs must be at least 1": ["--out", str(out), *base, "--jobs", "-2"],
+        "is a file; give a folder": ["--out", str(a_file), *base],
+        f"{a_file} is a file, not a folder": ["--out", str(a_file / "sub"), *base],
+        "no config for mlp5": ["--out", str(out), "--repo", str(repo), "--models", "mlp5"],
+        "no config for ../configs/mlp4": ["--out", str(out), "--repo", str(repo), "--models",
+                                          "../configs/mlp4"],
+        "epochs must be at least 1": ["--out", str(out), *base, "--epochs", "0"],
+        "unknown dataset 'nope'": ["--out", str(out), *base, "--dataset", "nope"],
+        "--data-dir": ["--out", str(out), *base, "--data-dir", str(a_file)],
+        "No closing quotation": ["--out", str(out), *base, "--extra", "--lr '0.1"],
+        "--extra must not set --out, --seed": ["--out", str(out), *base, "--extra", "--seed 3 --out x"],
+        "unknown option --lrr": ["--out", str(out), *base, "--extra", "--lrr 0.1"],
+        "lr expects float": ["--out", str(out), *base, "--extra", "--lr fast"],
+        "--models is required": ["--out", str(out), "--repo", str(repo)],
+    }
+    for expected, argv in cases.items():
+        proc = _cli("-m nsr.reproduce", *argv)
+        assert expected in proc.stderr, (argv, proc.stderr)
+    assert not out.exists() and a_file.read_text() == "keep me" and not _calls(calls)
+
+
+def test_bad_lambda_files(fake_repo, tmp_path):
+    repo, calls = fake_repo
+    out = tmp_path / "out"
+    files = {
+        "truncated": ('{"parameters": {"lambda": 0.', "cannot read it as JSON"),
+        "list": ("[1, 2]", "no parameters.lambda"),
+        "nolambda": ('{"parameters": {"lr": 0.1}}', "no parameters.lambda"),
+        "negative": ('{"parameters": {"lambda": -1}}', "must be numbers >= 0, got -1"),
+        "nan": ('{"parameters": {"lambda": NaN}}', "must be numbers >= 0"),
+        "text": ('{"parameters": {"lambda": "abc"}}', "must be numbers >= 0"),
+        "bool": ('{"parameters": {"lambda": true}}', "must be numbers >= 0"),
+        "nested": ('{"parameters": {"lambda": 1, "queue_batches": {"a": 1}}}', "parameters.queue_batches"),
+        "badkey": ('{"parameters": {"lambda": 1, "qeue_batches": 3}}', "unknown option --qeue-batches"),
+        "badvalue": ('{"parameters": {"lambda": 1, "queue_batches": "many"}}', "queue_batches expects int"),
+    }
+    for name, (text, expected) in files.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(text)
+        proc = _cli("-m nsr.reproduce", "--repo", str(repo), "--out", str(out), "--models", "mlp4",
+                    "--seeds", "1", "--lambda-from", str(path))
+        assert expected in proc.stderr, (name, proc.stderr)
+    for spec, expected in ((str(tmp_path / "missing.json"), "No such file"),
+                           (str(tmp_path), "Is a directory"),
+                           (f"mlp6={tmp_path / 'nan.json'}", "'mlp6' is not one of --models")):
+        proc = _cli("-m nsr.reproduce", "--repo", str(repo), "--out", str(out), "--models", "mlp4",
+                    "--lambda-from", spec)
+        assert expected in proc.stderr, (spec, proc.stderr)
+    assert not out.exists() and not _calls(calls)
+
+
+def test_damaged_run_folders(fake_repo, tmp_path):
+    repo, calls = fake_repo
+    out = tmp_path / "out"
+    assert _main(repo, out, "--models", "mlp4", "--seeds", "1") == 0
+    folder = report.run_dir(out, "mlp4", "nsr", 0)
+    (folder / "config.yaml").write_text("epochs: [unclosed\n")
+    before = _snapshot(out)
+    proc = _cli("-m nsr.reproduce", "--repo", str(repo), "--out", str(out), "--models", "mlp4",
+                "--seeds", "1")
+    assert f"cannot read {folder / 'config.yaml'}" in proc.stderr and _snapshot(out) == before
+    (folder / "config.yaml").write_text("- a list\n")
+    proc = _cli("-m nsr.reproduce", "--repo", str(repo), "--out", str(out), "--models", "mlp4")
+    assert "is not a mapping of settings" in proc.stderr
+    # nsr.report: damaged metrics.json, a test error that is not a number, missing or file OUT
+    (folder / "metrics.json").write_text('{"finished": true, "test_err')
+    before = _snapshot(out)
+    assert f"cannot read {folder / 'metrics.json'}" in _cli("-m nsr.report", str(out)).stderr
+    (folder / "metrics.json").write_text('{"finished": true, "test_error": "low"}')
+    assert "test_error is 'low', not a number" in _cli("-m nsr.report", str(out)).stderr
+    (folder / "metrics.json").write_text('[]')
+    assert "holds a JSON list" in _cli("-m nsr.report", str(out)).stderr
+    assert _snapshot(out) == {**before, str(folder / "metrics.json"):
+                              _snapshot(out)[str(folder / "metrics.json")]}
+    assert "does not exist" in _cli("-m nsr.report", str(tmp_path / "nowhere")).stderr
+    assert "is not a folder" in _cli("-m nsr.report", str(folder / "metrics.json")).stderr
+    assert "no runs in" in _cli("-m nsr.report", str(tmp_path / "repo")).stderr
+    assert "no runs for mlp9" in _cli("-m nsr.report", str(out), "--models", "mlp9").stderr
+    assert "required: OUT" in _cli("-m nsr.report").stderr
+    # a file where a run folder belongs
+    (out / "mlp6").write_text("not a folder")
+    proc = _cli("-m nsr.reproduce", "--repo", str(repo), "--out", str(out), "--models", "mlp6")
+    assert f"{out / 'mlp6'} is a file, where the run folder" in proc.stderr
+
+
+ENGINE_READY = all((REPO / f).is_file() for f in ("fdnn_nsr.py", "configs/mlp4.yaml", "nsr/engine.py"))
 
 
 @pytest.mark.skipif(not ENGINE_READY, reason="training scripts not present")
@@ -267,6 +426,7 @@ def test_real_digits_runs_skip_and_rerun(tmp_path, capsys):
     for path in metrics:
         m = json.loads(path.read_text())
         assert m["finished"] is True and len(m["history"]) == 2
+        assert m["nsr"] == ("/nsr/" in path.as_posix())
     rows = (out / "table.csv").read_text().splitlines()
     assert rows[0] == "Model,MLP-4" and rows[1].startswith("Vanilla,") and "±" in rows[1]
     assert (out / "curves.png").exists()

@@ -107,14 +107,18 @@ def test_summarize_and_table_layout():
     # seeds 0..2 for vanilla, 0..3 for NSR: means use all of each, the t-test pairs seeds 0..2
     vanilla = {0: 3.0, 1: 3.2, 2: 3.1}
     nsr = {0: 2.8, 1: 2.9, 2: 3.0, 3: 2.9}
-    s = stats.summarize(vanilla, nsr)
-    assert s["vanilla_mean"] == pytest.approx(3.1) and s["vanilla_std"] == pytest.approx(0.1)
-    assert s["nsr_mean"] == pytest.approx(2.9)  # (2.8+2.9+3.0+2.9)/4
-    assert s["nsr_std"] == pytest.approx(math.sqrt(0.02 / 3))  # deviations -.1, 0, .1, 0
-    assert s["gain"] == pytest.approx(0.2 / 3.1 * 100)  # 6.45%
-    assert s["paired_n"] == 3 and s["p"] == pytest.approx(1 - math.sqrt(12 / 14))
+    s = stats.summarize({"vanilla": vanilla, "nsr": nsr})
+    assert list(s) == ["vanilla", "nsr"]
+    assert s["vanilla"]["mean"] == pytest.approx(3.1) and s["vanilla"]["std"] == pytest.approx(0.1)
+    assert s["vanilla"]["n"] == 3 and "p" not in s["vanilla"]  # the baseline is not tested
+    assert s["nsr"]["mean"] == pytest.approx(2.9)  # (2.8+2.9+3.0+2.9)/4
+    assert s["nsr"]["std"] == pytest.approx(math.sqrt(0.02 / 3))  # deviations -.1, 0, .1, 0
+    assert s["nsr"]["gain"] == pytest.approx(0.2 / 3.1 * 100)  # 6.45%
+    assert s["nsr"]["paired_n"] == 3 and s["nsr"]["p"] == pytest.approx(1 - math.sqrt(12 / 14))
 
-    rows = stats.results_table({"MLP-4": s, "MLP-6": stats.summarize({}, {})})
+    labels = {"vanilla": "Vanilla", "nsr": "Vanilla + NSR"}
+    empty = stats.summarize({"vanilla": {}, "nsr": {}})
+    rows = stats.results_table({"MLP-4": s, "MLP-6": empty}, labels)
     assert rows[0] == ["Model", "MLP-4", "MLP-6"]
     assert rows[1] == ["Vanilla", "3.10±0.10", "n/a"]
     assert rows[2] == ["Vanilla + NSR", "2.90±0.08", "n/a"]
@@ -126,3 +130,26 @@ def test_summarize_and_table_layout():
     assert "| Vanilla + NSR | 2.90±0.08" in md
     csv_text = stats.table_csv(rows)
     assert csv_text.splitlines()[1] == "Vanilla,3.10±0.10,n/a"
+
+
+def test_table_with_several_variants():
+    # a third variant, "smooth": errors (3.0, 3.0, 2.9) -> mean 2.9667, sd: deviations
+    # (1/30, 1/30, -2/30) -> sum sq 6/900, /2 -> sd 0.0577; gain (3.1 - 2.9667)/3.1 = 4.30%;
+    # d = vanilla - smooth = (0, 0.2, 0.2): mean 0.1333, sd 0.11547, t = 0.1333/(0.11547/sqrt 3) = 2,
+    # df 2: p = 1 - t/sqrt(t^2 + 2) = 1 - 2/sqrt(6) = 0.1835
+    by_variant = {"vanilla": {0: 3.0, 1: 3.2, 2: 3.1}, "nsr": {0: 2.8, 1: 2.9, 2: 3.0},
+                  "smooth": {0: 3.0, 1: 3.0, 2: 2.9}}
+    s = stats.summarize(by_variant)
+    assert s["smooth"]["t"] == pytest.approx(2.0)
+    assert s["smooth"]["p"] == pytest.approx(1 - 2 / math.sqrt(6))
+    rows = stats.results_table({"MLP-4": s}, {"vanilla": "Vanilla", "nsr": "Vanilla + NSR"})
+    assert [r[0] for r in rows] == ["Model", "Vanilla", "Vanilla + NSR", "smooth",
+                                    "Gain: Vanilla + NSR", "p-value: Vanilla + NSR",
+                                    "Gain: smooth", "p-value: smooth"]
+    assert rows[3][1] == "2.97±0.06" and rows[6][1] == "4.30%" and rows[7][1] == "0.184"
+    assert rows[5][1] == "0.074"  # NSR against vanilla, as in the two-variant table
+
+
+def test_json_safe():
+    assert stats.json_safe({"a": float("nan"), 1: [1.5, float("inf"), (2, float("-inf"))]}) == \
+        {"a": None, "1": [1.5, None, [2, None]]}

@@ -1,0 +1,299 @@
+"""The results table of nsr.reproduce, rebuilt from its finished run folders.
+
+    python -m nsr.report runs/fmnist-paper                 # every model and variant found there
+    python -m nsr.report runs/fmnist-paper --models mlp4 mlp10
+
+Reads OUT/<model>/<variant>/seed<S>/metrics.json (the layout nsr.reproduce writes; run folders
+are only read) and writes
+    OUT/table.md, OUT/table.csv   one column per model, one row per variant (test error % as
+                                  mean ± sample std over seeds), then the gain and the paired
+                                  t-test p-value of each variant against vanilla
+    OUT/summary.json              the numbers behind the table, and each seed's metrics
+    OUT/curves.png                validation accuracy per epoch, mean ± std band over seeds
+Runs not finished are left out (a warning names them); a damaged metrics.json is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
+
+from . import stats
+from .config import _Parser as ArgumentParser
+from .errors import UserError, one_line, run_cli
+from .fileio import atomic_path, write_atomic, write_json
+
+BASELINE = "vanilla"
+# Row labels of the table; a variant not listed here is shown by its folder name.
+LABELS = {"vanilla": "Vanilla", "nsr": "Vanilla + NSR"}
+DISPLAY_NAMES = {
+    "resnet18_cifar10": "ResNet-18", "vgg19_cifar10": "VGG-19", "resnet50_imagenet": "ResNet-50",
+}
+SEED_FOLDER = re.compile(r"seed(\d+)")
+SUMMARY_KEYS = ("test_error", "test_acc", "best_epoch", "best_val_acc", "epochs", "lambda",
+                "train_time_s", "num_params")
+
+
+def natural_key(name: str) -> list:
+    """Sort key putting mlp3 before mlp10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def display_name(model: str) -> str:
+    """Column title: 'MLP-10' for mlp10, 'ResNet-18' for resnet18_cifar10, else the name."""
+    match = re.fullmatch(r"mlp(\d+)", model)
+    return f"MLP-{match.group(1)}" if match else DISPLAY_NAMES.get(model, model)
+
+
+def run_dir(out: Path, model: str, variant: str, seed: int) -> Path:
+    return Path(out) / model / variant / f"seed{seed}"
+
+
+def read_metrics(folder: Path) -> dict | None:
+    """A run folder's metrics.json; None when it has none. Unreadable or damaged: UserError."""
+    path = Path(folder) / "metrics.json"
+    if not path.exists():
+        return None
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path} ({one_line(e)}); restore it, or move that run folder "
+                        "away and train the run again") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds a JSON {type(data).__name__}, not the object a run writes; "
+                        "move that run folder away and train the run again")
+    return data
+
+
+def read_settings(folder: Path) -> dict | None:
+    """The config.yaml a run saved when it started; None when it has none. Damaged: UserError."""
+    path = Path(folder) / "config.yaml"
+    if not path.exists():
+        return None
+    import yaml
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"cannot read {path} ({one_line(e)}); restore it, or move that run folder "
+                        "away and train the run again") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not a mapping of settings; move that run folder away and "
+                        "train the run again")
+    return data
+
+
+def seed_folders(variant_dir: Path) -> dict[int, Path]:
+    """{seed: folder} of the seed<S> folders under one variant's folder."""
+    found = {}
+    if variant_dir.is_dir():
+        for p in variant_dir.iterdir():
+            match = SEED_FOLDER.fullmatch(p.name)
+            if match and p.is_dir():
+                found[int(match.group(1))] = p
+    return dict(sorted(found.items()))
+
+
+def discover(out: Path) -> dict[str, list[str]]:
+    """{model: [variant, ...]} of the folders under OUT that hold seed folders; models in natural
+    order, the baseline first among the variants, then nsr, then the others by name."""
+    first = {BASELINE: 0, "nsr": 1}
+    found = {}
+    for model_dir in sorted((p for p in out.iterdir() if p.is_dir()), key=lambda p: natural_key(p.name)):
+        variants = [v.name for v in model_dir.iterdir() if seed_folders(v)]
+        if variants:
+            found[model_dir.name] = sorted(variants, key=lambda v: (first.get(v, 2), natural_key(v)))
+    return found
+
+
+def test_error(metrics: dict, folder: Path) -> float | None:
+    """The run's test error, None when the run has none (NaN: no test split was measured)."""
+    value = metrics.get("test_error")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{folder / 'metrics.json'}: test_error is {value!r}, not a number; "
+                        "move that run folder away and train the run again")
+    return float(value) if math.isfinite(value) else None
+
+
+def collect(out: Path, models: list[str], variants: list[str], seeds: list[int] | None = None,
+            warn=None) -> dict:
+    """{model: {variant: {seed: metrics}}} of the finished runs (every seed folder found when
+    seeds is None). Unfinished runs are skipped with a warning."""
+    warn = warn or (lambda text: print(f"warning: {text}", file=sys.stderr))
+    results: dict = {}
+    for model in models:
+        results[model] = {}
+        for variant in variants:
+            folders = seed_folders(Path(out) / model / variant)
+            if seeds is not None:
+                folders = {s: run_dir(out, model, variant, s) for s in seeds}
+            runs = {}
+            for seed, folder in folders.items():
+                metrics = read_metrics(folder)
+                if metrics is None or metrics.get("finished") is not True:
+                    if folder.is_dir():
+                        warn(f"{folder} is not a finished run; left out of the table")
+                    continue
+                test_error(metrics, folder)  # a damaged value fails here, before anything is written
+                runs[seed] = metrics
+            results[model][variant] = runs
+    return results
+
+
+def errors_by_seed(runs: dict) -> dict[int, float]:
+    errors = {seed: test_error(m, Path()) for seed, m in runs.items()}
+    return {seed: e for seed, e in errors.items() if e is not None}
+
+
+def write_tables(out: Path, results: dict) -> str:
+    """table.md, table.csv and summary.json; returns the Markdown table."""
+    summaries = {model: stats.summarize({v: errors_by_seed(r) for v, r in by_variant.items()},
+                                        BASELINE)
+                 for model, by_variant in results.items()}
+    rows = stats.results_table({display_name(m): s for m, s in summaries.items()}, LABELS, BASELINE)
+    md = stats.table_markdown(rows)
+    counts = "; ".join(f"{display_name(m)}: " + ", ".join(f"{v} {s[v]['n']}" for v in s)
+                       for m, s in summaries.items())
+    header = ("Test error (%) as mean ± sample std over seeds; Gain = relative error reduction of "
+              f"the means against {LABELS[BASELINE]}; p-value: two-sided paired t-test over seeds "
+              "against it (n/a: fewer than 2 pairs or constant differences).\n\n")
+    write_atomic(Path(out) / "table.md", header + md + f"\nSeeds: {counts}.\n")
+    write_atomic(Path(out) / "table.csv", stats.table_csv(rows))
+    detail = {model: {variant: {"summary": summaries[model][variant],
+                                "runs": {str(seed): {k: m.get(k) for k in SUMMARY_KEYS}
+                                         for seed, m in runs.items()}}
+                      for variant, runs in by_variant.items()}
+              for model, by_variant in results.items()}
+    write_json(Path(out) / "summary.json", stats.json_safe(detail))
+    return md
+
+
+def curve_stats(histories: list[list[float]]):
+    """Epoch-wise mean and std over runs of possibly different lengths (NaN-padded)."""
+    import numpy as np
+    length = max(len(h) for h in histories)
+    arr = np.full((len(histories), length), np.nan)
+    for i, h in enumerate(histories):
+        arr[i, :len(h)] = h
+    count = (~np.isnan(arr)).sum(axis=0)
+    mean = np.nanmean(arr, axis=0)
+    std = np.zeros(length)
+    multi = count > 1
+    if multi.any():
+        std[multi] = np.nanstd(arr[:, multi], axis=0, ddof=1)
+    return np.arange(1, length + 1), mean, std
+
+
+def _histories(runs: dict, key: str) -> list[list[float]]:
+    found = []
+    for metrics in runs.values():
+        history = metrics.get("history")
+        values = [e.get(key) for e in history if isinstance(e, dict)] if isinstance(history, list) else []
+        values = [float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+                  for v in values]
+        if values:
+            found.append(values)
+    return found
+
+
+def write_curves(out: Path, results: dict, key: str = "val_acc") -> Path | None:
+    """curves.png: one panel per model, one line per variant, mean ± std over seeds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    if not results:
+        return None
+    ncols = min(len(results), 3)
+    nrows = -(-len(results) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.6 * nrows), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (model, by_variant) in zip(axes.flat, results.items()):
+        for i, (variant, runs) in enumerate(by_variant.items()):
+            histories = _histories(runs, key)
+            if not histories:
+                continue
+            x, mean, std = curve_stats(histories)
+            color = colors[i % len(colors)]
+            ax.plot(x, mean, color=color, label=f"{LABELS.get(variant, variant)} (n={len(histories)})",
+                    marker="o" if len(x) <= 10 else None, markersize=3)
+            ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+        ax.set(title=display_name(model), xlabel="epoch", ylabel="validation accuracy (%)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8, loc="lower right")
+        else:
+            ax.text(0.5, 0.5, "no finished runs", ha="center", va="center", transform=ax.transAxes)
+    for ax in list(axes.flat)[len(results):]:
+        ax.axis("off")
+    fig.suptitle("Validation accuracy: mean ± std over seeds")
+    fig.tight_layout()
+    path = Path(out) / "curves.png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return path
+
+
+def check_writable(out: Path) -> None:
+    """The report files can be written into OUT (checked before any is)."""
+    if not out.is_dir():
+        raise UserError(f"{out} is not a folder; give the --out folder of nsr.reproduce")
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write the report into {out} (permission denied)")
+
+
+def write_report(out: Path, models: list[str], variants: list[str], seeds: list[int] | None = None) -> str:
+    """Tables, summary.json and curves of the given runs; returns the Markdown table."""
+    out = Path(out)
+    check_writable(out)
+    results = collect(out, models, variants, seeds)
+    md = write_tables(out, results)
+    write_curves(out, results)
+    return md
+
+
+def report_folder(out: Path, models: list[str] | None = None) -> str:
+    """write_report for every variant found under OUT (and every model, unless `models` narrows
+    the columns)."""
+    out = Path(out)
+    if not out.exists():
+        raise UserError(f"{out} does not exist; give the --out folder of nsr.reproduce")
+    check_writable(out)
+    found = discover(out)
+    if not found:
+        raise UserError(f"no runs in {out}: expected {out}/<model>/<variant>/seed<S>/metrics.json")
+    unknown = [m for m in models or [] if m not in found]
+    if unknown:
+        raise UserError(f"no runs for {', '.join(unknown)} in {out}; found: {', '.join(found)}")
+    models = list(dict.fromkeys(models)) if models else list(found)
+    variants = list(dict.fromkeys(v for m in models for v in found[m]))
+    return write_report(out, models, variants)
+
+
+def print_report(out: Path, md: str) -> None:
+    print(md, end="")
+    print(f"wrote {Path(out) / 'table.md'}, table.csv, summary.json, curves.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(prog="python -m nsr.report", description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path, metavar="OUT", help="the --out folder of nsr.reproduce")
+    parser.add_argument("--models", nargs="+", metavar="MODEL",
+                        help="columns to show, in this order (default: every model in OUT)")
+    args = parser.parse_args(argv)
+    print_report(args.out, report_folder(args.out, args.models))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
