@@ -87,6 +87,10 @@ def test_a_val_class_that_train_lacks_and_empty_folders_are_named(tmp_path):
     write_folder(tmp_path / "e", {"cat": 3}, {})
     with pytest.raises(UserError, match=r"/e/val does not exist"):
         load_data(imagenet(tmp_path / "e"), CPU)
+    for i in range(3):  # as ImageNet's validation archive unpacks: no class folders
+        save_image(str(tmp_path / "e" / "val" / f"ILSVRC2012_val_{i:08d}.JPEG"), solid(9))
+    with pytest.raises(UserError, match=r"/e/val holds 3 images but no class folders; sort them into val/<class>/"):
+        load_data(imagenet(tmp_path / "e"), CPU)
 
 
 @pytest.fixture(scope="module")
