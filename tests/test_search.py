@@ -62,6 +62,27 @@ def _search_cmd(tmp_path: Path, *extra: str, config: str = "configs/nni/mlp4.yml
             "--out", str(tmp_path / "out"), "--experiment-dir", str(tmp_path / "nni"), *extra]
 
 
+def _config_with(tmp_path: Path, **changes) -> Path:
+    """configs/nni/mlp4.yml with top-level fields replaced, written to tmp_path (trials still run
+    in the repository)."""
+    data = yaml.safe_load((REPO / "configs" / "nni" / "mlp4.yml").read_text())
+    data.update(changes, trialCodeDirectory=str(REPO))
+    path = tmp_path / "search.yml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _group_alive(pgid: int) -> list[str]:
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append(f"{p.pid}: {' '.join(p.info['cmdline'] or [])[:200]}")
+        except (OSError, psutil.Error):
+            continue
+    return found
+
+
 def _assert_no_leftovers(tmp_path: Path, exp_id: str | None) -> None:
     deadline = time.time() + 10
     while True:
@@ -211,6 +232,31 @@ def test_search_bad_input_is_one_line(tmp_path, setup, args, message):
     assert not (tmp_path / "nni").exists()  # nothing was started
 
 
+@pytest.mark.parametrize("spec, message", [
+    ({"_type": "loguniform", "_value": [0, 10]}, "must have low > 0"),
+    ({"_type": "uniform", "_value": [5, 1]}, "must have high > low"),
+    ({"_type": "logunifrom", "_value": [0.001, 10]}, 'unsupported type "logunifrom"'),
+    ({"_type": "choice", "_value": []}, "a choice with no values"),
+    ({"_type": "uniform", "_value": ["a", 1]}, "must have float values"),
+    ({"_type": "quniform", "_value": [0, 1]}, "must have 3 values"),
+])
+def test_search_space_the_tuner_cannot_use_is_refused_before_nni_starts(tmp_path, spec, message):
+    # NNI 3.0 would start, its tuner would die on the first of these, and the search would wait
+    # for maxExperimentDuration (48 h)
+    cfg = _config_with(tmp_path, searchSpace={"lambda": spec})
+    start = time.time()
+    r = subprocess.run([PY, "-m", "nsr.search", str(cfg), "--port", "0", "--out", str(tmp_path / "out"),
+                        "--experiment-dir", str(tmp_path / "nni")],
+                       cwd=REPO, env=_clean_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: NNI config {str(cfg)!r}: "), r.stderr
+    assert message in lines[0] and "lambda" in lines[0]
+    assert r.stdout == ""
+    assert not (tmp_path / "nni").exists() and not (tmp_path / "out").exists()  # nothing started
+    assert time.time() - start < 60
+
+
 def test_search_port_in_use_is_one_line(tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -225,9 +271,9 @@ def test_search_port_in_use_is_one_line(tmp_path):
 
 
 def test_search_without_gpu_refuses_gpu_config(tmp_path):
-    from nsr.search import _visible_gpu_count
+    from nsr.nni_workarounds import visible_gpu_count
 
-    if _visible_gpu_count() not in (0,):
+    if visible_gpu_count() not in (0,):
         pytest.skip("a GPU is visible (or NVML is missing): nothing to refuse")
     r = subprocess.run([PY, "-m", "nsr.search", "configs/nni/resnet18_cifar10.yml", "--port", "0",
                         "--gpu-indices", "0",
@@ -253,7 +299,7 @@ def test_search_refuses_filelock_that_hangs_nni(tmp_path):
 
 
 def test_no_trial_note_names_the_gpu_wait(tmp_path):
-    from nsr.search import _no_trial_note
+    from nsr.nni_workarounds import no_trial_note as _no_trial_note
 
     log = tmp_path / "log" / "nnimanager.log"
     log.parent.mkdir()
@@ -358,3 +404,121 @@ def test_search_ctrl_c_stops_manager_and_trial(tmp_path):
     trials = json.loads((tmp_path / "out" / "trials.json").read_text())
     assert trials["status"] == "INTERRUPTED"
     _assert_no_leftovers(tmp_path, trials["experiment_id"])
+
+
+_BROKEN_TUNER = """
+from nni.tuner import Tuner
+
+
+class BrokenSpace(Tuner):  # passes every check, then dies when NNI hands it the search space
+    def update_search_space(self, search_space):
+        raise RuntimeError("this tuner cannot use " + ",".join(search_space))
+
+    def generate_parameters(self, parameter_id, **kwargs):
+        return {"lambda": 0.1}
+
+    def receive_trial_result(self, parameter_id, parameters, value, **kwargs):
+        pass
+
+
+class BrokenInit(BrokenSpace):  # dies while the dispatcher starts
+    def __init__(self):
+        raise RuntimeError("tuner constructor failed")
+"""
+
+
+@pytest.mark.parametrize("tuner, message", [
+    ("BrokenSpace", "RuntimeError: this tuner cannot use lambda"),
+    ("BrokenInit", "RuntimeError: tuner constructor failed"),
+])
+def test_search_dead_tuner_ends_the_search_in_one_line(tmp_path, tuner, message):
+    code = tmp_path / "tuner"
+    code.mkdir()
+    (code / "broken_tuner.py").write_text(_BROKEN_TUNER)
+    cfg = _config_with(tmp_path, tuner={"codeDirectory": str(code), "className": f"broken_tuner.{tuner}"})
+    start = time.time()
+    r = subprocess.run([PY, "-m", "nsr.search", str(cfg), "--port", str(_free_port()), "--poll", "1",
+                        "--out", str(tmp_path / "out"), "--experiment-dir", str(tmp_path / "nni"),
+                        "--trial-args", QUICK],
+                       cwd=REPO, env=_clean_env(tmp_path), capture_output=True, text=True, timeout=180)
+    elapsed = time.time() - start
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: NNI's tuner stopped: " + message), r.stderr
+    assert lines[0].endswith("dispatcher.log)")
+    assert elapsed < 60, f"took {elapsed:.0f} s"
+    trials = json.loads((tmp_path / "out" / "trials.json").read_text())
+    assert trials["status"] == "ERROR" and trials["trials"] == []
+    assert not (tmp_path / "out" / "best.json").exists()
+    _assert_no_leftovers(tmp_path, trials["experiment_id"])
+
+
+def _time_wait_on(port: int) -> None:
+    """Leave a connection in TIME_WAIT on the listening side of `port`, as a stopped NNI manager
+    does (it closes its clients' connections first)."""
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", port))
+        server.listen()
+        client = socket.create_connection(("127.0.0.1", port))
+        conn, _ = server.accept()
+        conn.close()  # the side that closes first keeps the TIME_WAIT
+        client.close()
+
+
+def test_two_searches_in_a_row_on_the_same_port(tmp_path):
+    port = _free_port()
+    for run in ("first", "second"):
+        if run == "second":
+            _time_wait_on(port)
+            waiting = [c for c in psutil.net_connections("tcp")
+                       if c.laddr and c.laddr.port == port and c.status == psutil.CONN_TIME_WAIT]
+            assert waiting, "no TIME_WAIT on the port: the test would not test anything"
+            with socket.socket() as s:  # what the port check did before: the port looked busy
+                with pytest.raises(OSError):
+                    s.bind(("127.0.0.1", port))
+        out = tmp_path / run
+        r = subprocess.run([PY, "-m", "nsr.search", "configs/nni/mlp4.yml", "--port", str(port),
+                            "--max-trials", "1", "--trial-args", QUICK, "--out", str(out),
+                            "--experiment-dir", str(tmp_path / "nni")],
+                           cwd=REPO, env=_clean_env(tmp_path), capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, f"{run} search: {r.stdout}{r.stderr}"
+        assert f"web UI: http://127.0.0.1:{port}" in r.stdout
+        best = json.loads((out / "best.json").read_text())
+        assert best["complete"] is True and 0 <= best["best_val_acc"] <= 100
+        _assert_no_leftovers(tmp_path, best["experiment_id"])
+
+
+def test_search_killed_with_sigkill_takes_manager_and_trial_along(tmp_path):
+    cmd = _search_cmd(tmp_path, "--max-trials", "3", "--trial-args", "--dataset digits --epochs 100000")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_clean_env(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    manager_group = None
+    try:
+        exp_id = proc.stdout.readline().split()[1].rstrip(":")  # "experiment ID: ..."
+        deadline = time.time() + 120
+        trial = None
+        while time.time() < deadline and proc.poll() is None and trial is None:
+            for p in psutil.process_iter(["cmdline"]):
+                cmd_line = " ".join(p.info["cmdline"] or [])
+                if "fdnn_nsr.py" in cmd_line and str(tmp_path / "nni") in cmd_line:
+                    trial = p
+            time.sleep(0.5)
+        assert trial is not None, "no trial started"
+        manager_group = os.getpgid(trial.pid)  # NNI's manager, tuner and trials share one group
+        assert len(_group_alive(manager_group)) >= 3  # manager, tuner (sh + python), trial
+        proc.kill()
+        proc.wait(timeout=10)
+        killed = time.time()
+        while time.time() - killed < 30 and (_group_alive(manager_group) or _leftovers(exp_id)):
+            time.sleep(0.5)
+        left = _group_alive(manager_group) + _leftovers(exp_id) + _leftovers(str(tmp_path / "nni"))
+        assert not left, "still running 30 s after kill -9:\n" + "\n".join(left)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if manager_group is not None and _group_alive(manager_group):
+            os.killpg(manager_group, signal.SIGKILL)
+        proc.communicate(timeout=30)
