@@ -70,7 +70,8 @@ def scan(data_dir: str) -> tuple[list[str], list[tuple[str, int]], list[tuple[st
     if foreign:
         raise UserError(f"{val_dir} has {len(foreign)} classes that {train_dir} lacks ({_first(foreign)}); "
                         "val/ is labelled with train/'s classes: add them to train/ or remove them from val/")
-    test = [(path, index[name]) for name in class_names(val_dir) for path in image_files(os.path.join(val_dir, name))]
+    test = [(path, index[name]) for name in class_names(val_dir)
+            for path in image_files(os.path.join(val_dir, name))]
     if not test:
         loose = [e for e in _listdir(val_dir) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)]
         if loose:  # ImageNet's validation archive unpacks flat

@@ -90,7 +90,8 @@ CASES = {
     "empty-training-set": ("mnist", lambda r: _mnist(r, n_train=0), [],
                            "the training set of mnist is empty (0 samples); add training data"),
     "val-size": ("mnist", _mnist, ["--val-size", "50"],
-                 "val_size 50 leaves no training data (mnist has 50 training samples); choose --val-size below 50"),
+                 "val_size 50 leaves no training data (mnist has 50 training samples); "
+                 "choose --val-size below 50"),
     "damaged-gzip": ("fashion-mnist", _damaged_gzip, [],
                      "t10k-labels-idx1-ubyte.gz: Compressed file ended before the end-of-stream marker "
                      "was reached; the file is damaged, download it again"),
