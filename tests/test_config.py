@@ -68,6 +68,12 @@ def test_to_dict_uses_the_yaml_names():
     (["--dataset", "fashion_mnist"], r"unknown dataset 'fashion_mnist'; did you mean 'fashion-mnist'\?"),
     (["--batch-size", "0"], r"batch_size must be at least 1"),
     (["--optimizer", "sgdd"], r"invalid choice: 'sgdd'"),
+    (["--nesterov", "--momentum", "0"], r"nesterov needs momentum > 0"),
+    (["--seed", "-1"], r"seed must lie in 0\.\.4294967295, got -1"),
+    (["--seed", str(2**32)], r"seed must lie in 0\.\.4294967295"),
+    (["--cutout", "-2"], r"cutout must be >= 0"),
+    (["--threads", "-1"], r"threads must lie in 0\.\.\d+ on this machine"),
+    (["--workers", str(10**6)], r"workers must lie in 0\.\.\d+ on this machine .*got 1000000"),
 ])
 def test_bad_command_line_is_one_clear_error(argv, message):
     with pytest.raises(UserError, match=message):
@@ -89,3 +95,17 @@ def test_bad_yaml_keys_and_types(tmp_path):
         parse_args(["--config", write(tmp_path, "- 1\n- 2\n")])
     with pytest.raises(UserError, match=r"config file '.*nope.yaml' not found"):
         parse_args(["--config", str(tmp_path / "nope.yaml")])
+
+
+def test_nni_parameters_map_to_config_keys():
+    from nsr.config import Config, apply_overrides, validate
+    from nsr.nni_trial import config_overrides
+
+    assert config_overrides({"nsr_layer": "fc2", "lambda": 0.5, "lr": 0.1}) == \
+        {"nsr_layers": ["fc2"], "lambda": [0.5], "lr": 0.1}
+    assert config_overrides({"lambda": [1.0, 2.0]}) == {"lambda": [1.0, 2.0]}
+    # one λ for a config with two NSR layers: applied to both
+    cfg = apply_overrides(Config(nsr_layers=["fc1", "out"], lambda_=[1.0, 2.0]),
+                          config_overrides({"lambda": 0.25}), "NNI parameters")
+    validate(cfg)
+    assert (cfg.nsr_layers, cfg.lambda_) == (["fc1", "out"], [0.25, 0.25])

@@ -115,3 +115,18 @@ def test_vanilla_builds_no_regularizer(tmp_path, monkeypatch):
     monkeypatch.setattr(build, "NeuronSteadiness", forbidden)
     m = train(parse_args([*FAST, "--no-nsr", "--epochs", "1", "--out", str(tmp_path / "v")]))
     assert m["history"][0]["nsr_loss"] == 0.0
+
+
+def test_a_model_that_cannot_take_the_data_fails_before_training(tmp_path, capsys, monkeypatch):
+    import models
+    from nsr.engine import main
+
+    three_channels = lambda classes, shape, dropout=0.0: torch.nn.Sequential(  # noqa: E731
+        torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, classes))
+    monkeypatch.setitem(models.MODELS, "mlp4", three_channels)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv=[*FAST, "--no-nsr", "--epochs", "1", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: model mlp4 cannot take digits's inputs of shape (1, 8, 8) (")
+    assert not (tmp_path / "o").exists()
