@@ -23,10 +23,9 @@ Without --checkpoint a vanilla model is first trained for --warmup-epochs epochs
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import math
 import os
-import sys
 from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable
@@ -34,6 +33,11 @@ from typing import Iterable
 import numpy as np
 import torch
 from torch import nn
+
+from .config import _Parser as ArgumentParser
+from .errors import UserError, one_line, run_cli
+from .fileio import write_json
+from .stats import json_safe
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid,
                nn.Softplus, nn.Hardswish, nn.Mish)
@@ -63,10 +67,6 @@ def candidate_layers(model: nn.Module) -> list[str]:
         elif composite and len(parts) == 2 and parts[0] in top_sequential:
             names.append(name)  # a block inside a stage
     return names
-
-
-def layer_kind(model: nn.Module, name: str) -> str:
-    return type(dict(model.named_modules())[name]).__name__
 
 
 def responses(output: torch.Tensor) -> torch.Tensor:
@@ -153,19 +153,13 @@ def layer_variances(model: nn.Module, batches: Iterable, num_classes: int,
     was_training = model.training
     model.eval()
     dropped: set[str] = set()
-    seen = 0
     try:
-        for xb, yb in batches:
-            if max_samples is not None and seen >= max_samples:
-                break
-            if max_samples is not None and seen + len(yb) > max_samples:
-                xb, yb = xb[: max_samples - seen], yb[: max_samples - seen]
+        for xb, yb in _first_samples(batches, max_samples):
             if device is not None:
                 xb, yb = xb.to(device), yb.to(device)
             for n in names:
                 captured[n].clear()
             model(xb)
-            seen += len(yb)
             for n in names:
                 outs = captured[n]
                 if len(outs) != 1:
@@ -180,14 +174,20 @@ def layer_variances(model: nn.Module, batches: Iterable, num_classes: int,
         for h in handles:
             h.remove()
         model.train(was_training)
-    result = OrderedDict()
-    for n in names:
-        if n in dropped or moments[n].count is None:
-            continue
-        r = moments[n].result()
-        r["kind"] = type(modules[n]).__name__
-        result[n] = r
-    return result
+    return OrderedDict((n, {**moments[n].result(), "kind": type(modules[n]).__name__})
+                       for n in names if n not in dropped and moments[n].count is not None)
+
+
+def _first_samples(batches: Iterable, max_samples: int | None):
+    """The batches, cut after max_samples samples (all of them when None)."""
+    seen = 0
+    for xb, yb in batches:
+        if max_samples is not None and seen >= max_samples:
+            return
+        if max_samples is not None and seen + len(yb) > max_samples:
+            xb, yb = xb[: max_samples - seen], yb[: max_samples - seen]
+        seen += len(yb)
+        yield xb, yb
 
 
 def summarize_layers(per_layer: dict) -> list[dict]:
@@ -219,111 +219,47 @@ def suggest_layer(rows: list[dict]) -> str | None:
     return best["layer"] if best else None
 
 
-def format_table(rows: list[dict], compare: dict[str, dict] | None = None,
-                 suggested: str | None = None) -> str:
-    head = ["layer", "kind", "neurons", "intra-class var", "median", "total var", "intra/total"]
-    if compare is not None:
-        head += ["compare intra", "ratio"]
-    lines = [head]
-    for r in rows:
-        cells = [r["layer"] + (" *" if r["layer"] == suggested else ""), r["kind"], str(r["neurons"]),
-                 f"{r['intra_var_mean']:.4g}", f"{r['intra_var_median']:.4g}",
-                 f"{r['total_var_mean']:.4g}",
-                 "n/a" if math.isnan(r["intra_share"]) else f"{100 * r['intra_share']:.1f}%"]
-        if compare is not None:
-            c = compare.get(r["layer"])
-            if c is None:
-                cells += ["-", "-"]
-            else:
-                ratio = c["intra_var_mean"] / r["intra_var_mean"] if r["intra_var_mean"] > 0 else math.nan
-                cells += [f"{c['intra_var_mean']:.4g}", f"{ratio:.3f}"]
-        lines.append(cells)
-    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
-    text = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-            for row in lines]
-    text.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(text)
+# ------------------------------------------------------------------------------- checkpoints and data
 
-
-def plot_histogram(path: Path, layer: str, series: list[tuple[str, np.ndarray]]) -> Path:
-    """Overlaid histograms of per-neuron intra-class variance (log-spaced bins if it spans >100x)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    values = np.concatenate([v for _, v in series])
-    positive = values[values > 0]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    use_log = positive.size and positive.max() / positive.min() > 100
-    if use_log:
-        lo, hi = positive.min(), positive.max()
-        bins = np.logspace(np.log10(lo), np.log10(hi) + 1e-9, 40)
-        ax.set_xscale("log")
-    else:
-        lo, hi = float(values.min()), float(values.max())
-        bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 40)
-    colors = ["tab:blue", "tab:red", "tab:green", "tab:orange"]
-    for (label, v), color in zip(series, colors):
-        shown = v[v > 0] if use_log else v
-        ax.hist(shown, bins=bins, alpha=0.5, color=color,
-                label=f"{label} (mean {v.mean():.3g}, n={v.size})")
-    ax.set_xlabel("per-neuron intra-class variance  Σc (n_c/N)·Var_c")
-    ax.set_ylabel("neurons")
-    from matplotlib.ticker import MaxNLocator
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title(f"Neuron intra-class response variance: layer {layer}")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-# ------------------------------------------------------------------------------- models and data
-
-def _config_from(args):
-    """(Config, source) from the checkpoint's saved config, else from --config."""
-    from .config import Config, apply_overrides, load_yaml, validate
-
-    if args.checkpoint:
-        from .checkpoint import load_checkpoint
-        from .config import from_dict
-        saved = load_checkpoint(args.checkpoint).get("config") or {}
-        cfg = from_dict(saved)
-    else:
-        cfg = Config()
-        if args.config:
-            apply_overrides(cfg, load_yaml(args.config), f"config {args.config}")
-    overrides = {k: getattr(args, k) for k in ("dataset", "data_dir", "val_size", "device")
-                 if getattr(args, k, None) is not None}
-    if overrides:
-        apply_overrides(cfg, overrides, "command line")
-    cfg.seed = args.seed if args.seed is not None else cfg.seed
-    validate(cfg)
-    return cfg
-
-
-def _device(cfg) -> torch.device:
-    want = cfg.device
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(want)
-
-
-def load_model(path: str, num_classes: int, in_shape, device) -> tuple[nn.Module, dict]:
-    """A model rebuilt from a checkpoint's config and weights, and that config."""
-    from models import build_model
+def read_checkpoint(path: str):
+    """(checkpoint, the Config it was trained with); UserError for anything else."""
     from .checkpoint import load_checkpoint
+    from .config import from_dict
 
-    state = load_checkpoint(path, map_location="cpu")
-    saved = state.get("config") or {}
-    model = build_model(saved.get("model", "mlp4"), num_classes, in_shape)
-    weights = state["model"]
-    if any(k.startswith("module.") for k in weights):
-        weights = {k.removeprefix("module."): v for k, v in weights.items()}
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder; give a checkpoint file (a run's best.pt or last.pt)")
+    state = load_checkpoint(path)
+    saved, weights = state.get("config"), state.get("model")
+    if (not isinstance(saved, dict) or not isinstance(weights, dict)
+            or not all(torch.is_tensor(v) for v in weights.values())):
+        raise UserError(f"{path} holds no model weights and config; give a run's best.pt or last.pt")
+    try:
+        return state, from_dict(saved)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+
+
+def load_model(path: str, state: dict | None, cfg, data, device) -> nn.Module:
+    """The model of `cfg` for the data's classes and input shape, with the checkpoint's weights
+    (none: fresh weights); UserError when they do not fit (another model or data set)."""
+    from .build import build_checked_model
+
+    model = build_checked_model(dataclasses.replace(cfg, nsr=False), data.num_classes, data.in_shape)
+    if state is None:
+        return model
+    # DDP and torch.compile prefix the weights' names with module. and _orig_mod.
+    weights = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state["model"].items()}
+    expected = model.state_dict()
+    problems = [f"{k} is {tuple(weights[k].shape)} there, {tuple(v.shape)} here"
+                for k, v in expected.items() if k in weights and weights[k].shape != v.shape]
+    problems += [f"{k} is missing" for k in expected if k not in weights]
+    problems += [f"{k} is not a weight of {cfg.model}" for k in weights if k not in expected]
+    if problems:
+        raise UserError(f"{path} does not fit a {cfg.model} for {data.num_classes} classes and inputs "
+                        f"{tuple(data.in_shape)}: {problems[0]}; analyse it on the data set it was "
+                        "trained on (--dataset)")
     model.load_state_dict(weights)
-    return model.to(device), saved
+    return model.to(device)
 
 
 def analysis_batches(data, split: str, batch_size: int):
@@ -333,8 +269,7 @@ def analysis_batches(data, split: str, batch_size: int):
     source = getattr(data, split)
     if isinstance(source, TensorBatches):
         transform = data.val.transform if split == "train" else source.transform
-        return TensorBatches(source.x, source.y, batch_size, shuffle=False, seed=0,
-                             transform=transform)
+        return TensorBatches(source.x, source.y, batch_size, shuffle=False, seed=0, transform=transform)
     return source  # streamed data (ImageNet): its own preprocessing
 
 
@@ -342,30 +277,26 @@ def warmup(cfg, epochs: int, out: Path) -> str:
     """Train a vanilla model for a few epochs with the engine; returns its last.pt."""
     from .engine import train
 
-    import dataclasses
-
-    wcfg = dataclasses.replace(cfg, nsr=False, epochs=epochs, out=str(out), overwrite=True,
-                               resume=False, quiet=True, max_steps=None)
     print(f"warm-up: training vanilla {cfg.model} on {cfg.dataset} for {epochs} epoch(s) -> {out}",
           flush=True)
-    train(wcfg)
+    train(dataclasses.replace(cfg, nsr=False, epochs=epochs, out=str(out), overwrite=True,
+                              resume=False, quiet=True, max_steps=None))
     return str(out / "last.pt")
 
 
-def _label(path: str, saved: dict) -> str:
+def _label(path: str, cfg) -> str:
     """'vanilla (seed0/best.pt)' or 'NSR out=7.49 (nsr/best.pt)'."""
     where = "/".join(Path(path).parts[-2:])
-    if saved.get("nsr"):
-        lam, layers = saved.get("lambda") or [], saved.get("nsr_layers") or []
-        what = " ".join(f"{n}={float(v):.3g}" for n, v in zip(layers, lam))
-        return f"NSR {what} ({where})".replace("  ", " ")
+    if cfg.nsr:
+        what = " ".join(f"{n}={float(v):.3g}" for n, v in zip(cfg.nsr_layers, cfg.lambda_))
+        return f"NSR {what} ({where})"
     return f"vanilla ({where})"
 
 
 # ------------------------------------------------------------------------------- CLI
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m nsr.analyze", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m nsr.analyze", description=__doc__.splitlines()[0])
     p.add_argument("--config", help="YAML config (model, data set) for the warm-up run; with "
                                     "--checkpoint the checkpoint's saved config is used instead")
     p.add_argument("--checkpoint", help="model to analyse (default: a short vanilla warm-up run)")
@@ -385,105 +316,113 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, help="output folder (default runs/analyze-<model>-<dataset>)")
     args = p.parse_args(argv)
     if not args.checkpoint and not args.config:
-        p.error("give --config (a warm-up run is trained) or --checkpoint")
-    if args.warmup_epochs < 1:
-        p.error("--warmup-epochs must be at least 1")
+        raise UserError("give --config (a warm-up run is trained) or --checkpoint")
+    for flag in ("batch_size", "warmup_epochs", "max_samples"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    args.named = (args.layers or []) + ([args.layer] if args.layer is not None else [])
     return args
 
 
-def run(args) -> dict:
-    from .data import load_data
+def load_config(args):
+    """(Config, checkpoint or None): the checkpoint's config, else --config's, with the command
+    line's overrides."""
+    from .config import Config, apply_overrides, load_yaml, validate
 
-    cfg = _config_from(args)
-    out = args.out or Path("runs") / f"analyze-{cfg.model}-{cfg.dataset}"
-    out.mkdir(parents=True, exist_ok=True)
-    device = _device(cfg)
-    checkpoint = args.checkpoint or warmup(cfg, args.warmup_epochs, out / "warmup")
+    state = None
+    if args.checkpoint:
+        state, cfg = read_checkpoint(args.checkpoint)
+    else:
+        cfg = apply_overrides(Config(), load_yaml(args.config), f"config {args.config}")
+    overrides = {k: getattr(args, k) for k in ("dataset", "data_dir", "val_size", "device", "seed")
+                 if getattr(args, k) is not None}
+    apply_overrides(cfg, overrides, "command line")
+    validate(cfg)
+    return cfg, state
 
-    torch.manual_seed(cfg.seed)
-    data = load_data(cfg, device)
-    batches = lambda: analysis_batches(data, args.split, args.batch_size)  # noqa: E731
-    model, saved = load_model(checkpoint, data.num_classes, data.in_shape, device)
-    per_layer = layer_variances(model, batches(), data.num_classes, args.layers, device,
-                                args.max_samples)
+
+def check_layers(model: nn.Module, names: list[str], whose: str) -> None:
+    modules = dict(model.named_modules())
+    unknown = [n for n in names if not n or n not in modules]
+    if unknown:
+        raise UserError(f"{whose} has no layer named {unknown[0]!r}; candidates: "
+                        f"{', '.join(candidate_layers(model))}")
+
+
+def measure(model: nn.Module, data, args, device, layers: list[str] | None) -> OrderedDict:
+    try:
+        return layer_variances(model, analysis_batches(data, args.split, args.batch_size),
+                               data.num_classes, layers, device, args.max_samples)
+    except ValueError as e:  # a named layer that runs twice per forward pass
+        raise UserError(one_line(e)) from None
+
+
+def analyse(args, models: list[tuple[str, nn.Module, object]], data, device) -> dict:
+    """Measure the checkpoint (and --compare); the numbers of analysis.json and the histogram's."""
+    (path, model, cfg), compare = models[0], models[1:]
+    per_layer = measure(model, data, args, device, args.layers)
     rows = summarize_layers(per_layer)
     suggested = suggest_layer(rows)
-
-    compare_rows = compare_layer = None
-    if args.compare:
-        cmodel, csaved = load_model(args.compare, data.num_classes, data.in_shape, device)
-        cmp_layers = args.layers or [r["layer"] for r in rows
-                                     if r["layer"] in dict(cmodel.named_modules())]
-        compare_layer = layer_variances(cmodel, batches(), data.num_classes, cmp_layers, device,
-                                        args.max_samples)
-        compare_rows = {r["layer"]: r for r in summarize_layers(compare_layer)}
-
     plotted = args.layer or suggested
+    if plotted is None:
+        raise UserError(f"no layer of {path} has a finite intra-class variance (are its weights "
+                        "finite?); name one with --layer")
     if plotted not in per_layer:
-        # a layer outside the measured set: measure it on its own
-        extra = layer_variances(model, batches(), data.num_classes, [plotted], device, args.max_samples)
-        per_layer[plotted] = extra[plotted]
-    series = [(_label(checkpoint, saved), per_layer[plotted]["intra"])]
-    if args.compare:
-        if plotted not in compare_layer:
-            compare_layer.update(layer_variances(cmodel, batches(), data.num_classes, [plotted],
-                                                 device, args.max_samples))
-        series.append((_label(args.compare, csaved), compare_layer[plotted]["intra"]))
-
-    print(f"\nneuron intra-class variance on the {args.split} split of {cfg.dataset} "
-          f"({per_layer[plotted]['num_samples']} samples), model {saved.get('model', cfg.model)} "
-          f"from {checkpoint}" + (f"; compare: {args.compare}" if args.compare else ""))
-    print(format_table(rows, compare_rows, suggested))
-    if suggested:
-        best = next(r for r in rows if r["layer"] == suggested)
-        print(f"\nsuggested NSR target: {suggested} (largest mean intra-class variance, "
-              f"{best['intra_var_mean']:.4g}); e.g. --nsr-layers {suggested}")
-
-    png = plot_histogram(out / "intra_class_variance.png", plotted, series)
-    report = {
-        "checkpoint": checkpoint, "compare": args.compare, "model": saved.get("model", cfg.model),
-        "dataset": cfg.dataset, "split": args.split, "num_samples": per_layer[plotted]["num_samples"],
+        per_layer.update(measure(model, data, args, device, [plotted]))
+    series = [(_label(path, cfg), per_layer[plotted]["intra"])]
+    compare_rows = None
+    for cpath, cmodel, ccfg in compare:
+        names = dict(cmodel.named_modules())
+        layers = list(args.layers or [r["layer"] for r in rows if r["layer"] in names])
+        layers += [plotted] if plotted not in layers else []
+        check_layers(cmodel, layers, f"--compare {cpath}")
+        measured = measure(cmodel, data, args, device, layers)
+        compare_rows = [r for r in summarize_layers(measured)]
+        series.append((_label(cpath, ccfg), measured[plotted]["intra"]))
+    return {
+        "checkpoint": path, "compare": args.compare, "model": cfg.model, "dataset": cfg.dataset,
+        "split": args.split, "num_samples": per_layer[plotted]["num_samples"],
         "definition": "per neuron: sum_c (n_c/N) * Var_c(response), population variance within "
                       "class c; CNN outputs: per channel, spatial mean; layer value: mean over neurons",
-        "suggested_layer": suggested, "plotted_layer": plotted,
-        "layers": rows,
-        "compare_layers": list(compare_rows.values()) if compare_rows is not None else None,
-        "per_neuron_intra_var": {"checkpoint": per_layer[plotted]["intra"].tolist(),
-                                 "compare": (compare_layer[plotted]["intra"].tolist()
-                                             if args.compare else None)},
-        "histogram": str(png),
+        "suggested_layer": suggested, "plotted_layer": plotted, "layers": rows,
+        "compare_layers": compare_rows, "series": series,
+        "per_neuron_intra_var": {"checkpoint": series[0][1].tolist(),
+                                 "compare": series[1][1].tolist() if compare else None},
     }
-    with open(out / "analysis.json", "w") as f:
-        json.dump(_json_safe(report), f, indent=2)
-        f.write("\n")
-    print(f"wrote {out / 'analysis.json'} and {png}")
-    return report
-
-
-def _json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def main(argv=None) -> int:
-    from .errors import UserError
+    """Config, device, checkpoints, data and layer names are all checked before the warm-up run
+    or any output file is written."""
+    from .build import setup_runtime
+    from .data import load_data
+    from .report import check_writable, plot_histogram, print_variance
 
     args = parse_args(argv)
-    try:
-        run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg, state = load_config(args)
+    compare = read_checkpoint(args.compare) if args.compare else None
+    device = setup_runtime(cfg).device
+    out = args.out or Path("runs") / f"analyze-{cfg.model}-{cfg.dataset}"
+    check_writable(out, "--out")
+    torch.manual_seed(cfg.seed)
+    data = load_data(cfg, device)
+    checkpoint = args.checkpoint
+    check_layers(load_model(checkpoint, state, cfg, data, device), args.named, checkpoint or cfg.model)
+    if checkpoint is None:
+        checkpoint = warmup(cfg, args.warmup_epochs, out / "warmup")
+        state, cfg = read_checkpoint(checkpoint)
+    models = [(checkpoint, load_model(checkpoint, state, cfg, data, device), cfg)]
+    if compare:
+        models.append((args.compare, load_model(args.compare, *compare, data, device), compare[1]))
+    report = analyse(args, models, data, device)
+    print_variance(report)
+    out.mkdir(parents=True, exist_ok=True)
+    png = plot_histogram(out / "intra_class_variance.png", report["plotted_layer"], report.pop("series"))
+    write_json(out / "analysis.json", json_safe({**report, "histogram": str(png)}))
+    print(f"wrote {out / 'analysis.json'} and {png}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -1,4 +1,5 @@
-"""The results table of nsr.reproduce, rebuilt from its finished run folders.
+"""Reports: the results table of nsr.reproduce (rebuilt from its finished run folders) and the
+layer table and histogram of nsr.analyze.
 
     python -m nsr.report runs/fmnist-paper                 # every model and variant found there
     python -m nsr.report runs/fmnist-paper --models mlp4 mlp10
@@ -21,6 +22,8 @@ import os
 import re
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from . import stats
 from .config import _Parser as ArgumentParser
@@ -244,18 +247,23 @@ def write_curves(out: Path, results: dict, key: str = "val_acc") -> Path | None:
     return path
 
 
-def check_writable(out: Path) -> None:
-    """The report files can be written into OUT (checked before any is)."""
-    if not out.is_dir():
-        raise UserError(f"{out} is not a folder; give the --out folder of nsr.reproduce")
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write the report into {out} (permission denied)")
+def check_writable(out: Path, flag: str = "OUT") -> None:
+    """OUT is a folder, or can be made in one, that this process can write (checked before
+    anything is written)."""
+    existing = Path(out).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == Path(out).absolute() else f"lies under the file {existing}"
+        raise UserError(f"{flag} {out} {where}; give a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {out}: cannot write into {existing} (permission denied)")
 
 
 def write_report(out: Path, models: list[str], variants: list[str], seeds: list[int] | None = None) -> str:
     """Tables, summary.json and curves of the given runs; returns the Markdown table."""
     out = Path(out)
-    check_writable(out)
+    check_writable(out, "--out")
     results = collect(out, models, variants, seeds)
     md = write_tables(out, results)
     write_curves(out, results)
@@ -268,6 +276,8 @@ def report_folder(out: Path, models: list[str] | None = None) -> str:
     out = Path(out)
     if not out.exists():
         raise UserError(f"{out} does not exist; give the --out folder of nsr.reproduce")
+    if not out.is_dir():
+        raise UserError(f"{out} is not a folder; give the --out folder of nsr.reproduce")
     check_writable(out)
     found = discover(out)
     if not found:
@@ -283,6 +293,84 @@ def report_folder(out: Path, models: list[str] | None = None) -> str:
 def print_report(out: Path, md: str) -> None:
     print(md, end="")
     print(f"wrote {Path(out) / 'table.md'}, table.csv, summary.json, curves.png")
+
+
+# ------------------------------------------------------------------------------- nsr.analyze
+
+def format_table(rows: list[dict], compare: dict[str, dict] | None = None,
+                 suggested: str | None = None) -> str:
+    """nsr.analyze's layer rows as an aligned text table; * marks the suggested layer."""
+    head = ["layer", "kind", "neurons", "intra-class var", "median", "total var", "intra/total"]
+    if compare is not None:
+        head += ["compare intra", "ratio"]
+    lines = [head]
+    for r in rows:
+        cells = [r["layer"] + (" *" if r["layer"] == suggested else ""), r["kind"], str(r["neurons"]),
+                 f"{r['intra_var_mean']:.4g}", f"{r['intra_var_median']:.4g}",
+                 f"{r['total_var_mean']:.4g}",
+                 "n/a" if math.isnan(r["intra_share"]) else f"{100 * r['intra_share']:.1f}%"]
+        if compare is not None:
+            c = compare.get(r["layer"])
+            if c is None:
+                cells += ["-", "-"]
+            else:
+                ratio = c["intra_var_mean"] / r["intra_var_mean"] if r["intra_var_mean"] > 0 else math.nan
+                cells += [f"{c['intra_var_mean']:.4g}", f"{ratio:.3f}"]
+        lines.append(cells)
+    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
+    text = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+            for row in lines]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(text)
+
+
+def plot_histogram(path: Path, layer: str, series: list[tuple[str, np.ndarray]]) -> Path:
+    """Overlaid histograms of per-neuron intra-class variance (log-spaced bins if it spans >100x)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = np.concatenate([v for _, v in series])
+    positive = values[values > 0]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    use_log = positive.size and positive.max() / positive.min() > 100
+    if use_log:
+        lo, hi = positive.min(), positive.max()
+        bins = np.logspace(np.log10(lo), np.log10(hi) + 1e-9, 40)
+        ax.set_xscale("log")
+    else:
+        lo, hi = float(values.min()), float(values.max())
+        bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 40)
+    colors = ["tab:blue", "tab:red", "tab:green", "tab:orange"]
+    for (label, v), color in zip(series, colors):
+        shown = v[v > 0] if use_log else v
+        ax.hist(shown, bins=bins, alpha=0.5, color=color,
+                label=f"{label} (mean {v.mean():.3g}, n={v.size})")
+    ax.set_xlabel("per-neuron intra-class variance  Σc (n_c/N)·Var_c")
+    ax.set_ylabel("neurons")
+    from matplotlib.ticker import MaxNLocator
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(f"Neuron intra-class response variance: layer {layer}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return path
+
+
+def print_variance(report: dict) -> None:
+    """The layer table of nsr.analyze and its suggestion."""
+    rows, suggested, compare = report["layers"], report["suggested_layer"], report["compare_layers"]
+    print(f"\nneuron intra-class variance on the {report['split']} split of {report['dataset']} "
+          f"({report['num_samples']} samples), model {report['model']} from {report['checkpoint']}"
+          + (f"; compare: {report['compare']}" if report["compare"] else ""))
+    print(format_table(rows, None if compare is None else {r["layer"]: r for r in compare}, suggested))
+    if suggested:
+        best = next(r for r in rows if r["layer"] == suggested)
+        print(f"\nsuggested NSR target: {suggested} (largest mean intra-class variance, "
+              f"{best['intra_var_mean']:.4g}); e.g. --nsr-layers {suggested}")
 
 
 def main(argv: list[str] | None = None) -> int:

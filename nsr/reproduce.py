@@ -355,8 +355,7 @@ def check_args(args) -> None:
         raise UserError(f"--first-seed must be between 0 and 2**31 - seeds, got {args.first_seed}")
     if args.jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {args.jobs}")
-    if args.out.exists() and not args.out.is_dir():
-        raise UserError(f"--out {args.out} is a file; give a folder")
+    report.check_writable(args.out, "--out")
     if args.table_only:
         return
     if not args.models:
@@ -374,7 +373,6 @@ def check_args(args) -> None:
     if not os.access(args.python, os.X_OK) or os.path.isdir(args.python):
         raise UserError(f"--python {args.python} is not an executable")
     args.mlp = model_kinds(args.models, Path(args.repo))
-    check_out_writable(args.out)
 
 
 def model_kinds(models: list[str], repo: Path) -> dict[str, bool]:
@@ -389,17 +387,6 @@ def model_kinds(models: list[str], repo: Path) -> dict[str, bool]:
         raise UserError(f"no config for {', '.join(missing)} in {configs}; "
                         f"available: {', '.join(have) or 'none'}")
     return {m: is_mlp(parse_config(["--config", str(configs / f"{m}.yaml")]).model) for m in models}
-
-
-def check_out_writable(out: Path) -> None:
-    """--out, or the folder it will be made in, can be written (before anything runs)."""
-    existing = out.absolute()
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UserError(f"--out {out}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out}: cannot write into {existing} (permission denied)")
 
 
 def print_plan(runs: list[Run]) -> None:

@@ -329,7 +329,7 @@ def test_bad_arguments_of_reproduce(fake_repo, tmp_path):
         "--first-seed must be between": ["--out", str(out), *base, "--first-seed", "-1"],
         "--jobs must be at least 1": ["--out", str(out), *base, "--jobs", "-2"],
         "is a file; give a folder": ["--out", str(a_file), *base],
-        f"{a_file} is a file, not a folder": ["--out", str(a_file / "sub"), *base],
+        f"lies under the file {a_file}": ["--out", str(a_file / "sub"), *base],
         "no config for mlp5": ["--out", str(out), "--repo", str(repo), "--models", "mlp5"],
         "no config for ../configs/mlp4": ["--out", str(out), "--repo", str(repo), "--models",
                                           "../configs/mlp4"],
