@@ -3,6 +3,7 @@ optimizer and scheduler, and the regularizer. The engine (nsr/engine.py) puts th
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -122,3 +123,18 @@ def amp_dtype(cfg: Config, device: torch.device):
     if cfg.amp == "off" or (cfg.amp == "auto" and device.type != "cuda"):
         return None
     return torch.float16 if cfg.amp == "fp16" else torch.bfloat16
+
+
+@contextlib.contextmanager
+def enough_memory():
+    """A size the machine cannot hold (a huge --batch-size or --fake-size) is one line, not a
+    traceback from the allocator."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:
+        text = str(e)
+        if not isinstance(e, MemoryError) and not any(
+                s in text for s in ("DefaultCPUAllocator", "not enough memory", "out of memory")):
+            raise
+        raise UserError(f"not enough memory ({type(e).__name__}: {text.strip()[:120]}); lower "
+                        "--batch-size, --eval-batch-size or --fake-size") from None

@@ -11,7 +11,6 @@ position inside the epoch with the epoch's running sums.
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 
 import torch
@@ -22,9 +21,10 @@ from torch import nn
 
 from . import nni_trial
 from .build import (Runtime, amp_dtype, build_checked_model, build_optimizer, build_regularizer,
-                    set_cpu_threads, setup_runtime)
+                    enough_memory, set_cpu_threads, setup_runtime)
 from .checkpoint import load_resumable, restore_training_state, save_checkpoint, training_state
-from .config import Config, apply_overrides, parse_args, to_dict, validate
+from .config import Config, parse_args, to_dict
+from .console import epoch_line, print_summary, progress
 from .data import channels_last, load_data
 from .errors import RunInterrupted, UserError, run_cli
 from .fileio import read_json
@@ -41,6 +41,18 @@ class TrainingDiverged(UserError):
 
 class Interrupted(Exception):
     pass
+
+
+def _diverged_message(p: Position, since: int, saved_at: tuple[int, int] | None, last: str) -> str:
+    where = f"step {p.step}" if p.step - since <= 1 else f"steps {since + 1}..{p.step}"
+    if saved_at is None:
+        kept = "no checkpoint of this run was written"
+    else:
+        epoch, step = saved_at
+        kept = (f"the last good checkpoint {last} (" + (f"end of epoch {epoch}" if step == 0 else
+                f"epoch {epoch + 1}, step {step}") + ") is kept")
+    return (f"loss became NaN or infinite in epoch {p.epoch + 1}, {where}; {kept}; lower --lr or --lambda "
+            "and start again with --overwrite (--resume needs the same settings)")
 
 
 # ---------------------------------------------------------------------------------- the loop
@@ -97,7 +109,7 @@ class Trainer:
         self.scaler.update()
         self.meter.update(loss, ce, nsr, logits, yb)
 
-    def train_epoch(self, stop: StopRequest, bar=None) -> str | None:
+    def train_epoch(self, stop: StopRequest | None = None, bar=None) -> str | None:
         """Train from pos.step to the end of the epoch: None there, else why it stopped inside it
         ("interrupted" or "max_steps")."""
         p, max_steps = self.pos, self.cfg.max_steps
@@ -121,31 +133,22 @@ class Trainer:
         finally:
             p.epoch_time_s += time.perf_counter() - start
 
-    def _agree_to_stop(self, stop: StopRequest, since: int) -> bool:
+    def _agree_to_stop(self, stop: StopRequest | None, since: int) -> bool:
         """True if any rank was asked to stop. Under DDP each rank sees Ctrl-C at its own time; one
         that left the loop alone would leave the others waiting in the next gradient all-reduce.
         So the ranks all-reduce (MAX) [stop, loss not finite] at the same steps: two numbers,
         cheap next to the gradients' all-reduce, and one sync with the finiteness check."""
-        flags = torch.stack((torch.tensor(float(stop.requested), device=self.rt.device),
-                             (~self.meter.finite()).float()))
-        if self.rt.world > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        stop_any, diverged = flags.tolist()
-        if diverged:
-            self._diverged(since)
-        return bool(stop_any)
-
-    def _diverged(self, since: int) -> None:
-        where = f"step {self.pos.step}" if self.pos.step - since <= 1 else f"steps {since + 1}..{self.pos.step}"
-        if self.saved_at is None:
-            kept = "no checkpoint of this run was written"
+        requested = stop is not None and stop.requested
+        if self.rt.world == 1:
+            stop_any, diverged = requested, not bool(self.meter.finite())
         else:
-            epoch, step = self.saved_at
-            at = f"end of epoch {epoch}" if step == 0 else f"epoch {epoch + 1}, step {step}"
-            kept = f"the last good checkpoint {self.folder.file('last.pt')} ({at}) is kept"
-        raise TrainingDiverged(f"loss became NaN or infinite in epoch {self.pos.epoch + 1}, {where}; {kept}; "
-                               "lower --lr or --lambda and start again with --overwrite "
-                               "(--resume needs the same settings)")
+            flags = torch.stack((torch.tensor(float(requested), device=self.rt.device),
+                                 (~self.meter.finite()).float()))
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            stop_any, diverged = flags.tolist()
+        if diverged:
+            raise TrainingDiverged(_diverged_message(self.pos, since, self.saved_at, self.folder.file("last.pt")))
+        return bool(stop_any)
 
     def validate(self, test_if_better: bool = True) -> dict:
         """Validation accuracy; the test accuracy too when validation improved on the best."""
@@ -182,7 +185,7 @@ class Trainer:
         cfg, p = self.cfg, self.pos
         show = not cfg.quiet and self.rt.main
         while not self.done():
-            bar = _progress(show, len(self.data.train), p.epoch, cfg.epochs, p.step)
+            bar = progress(show, len(self.data.train), p.epoch, cfg.epochs, p.step)
             try:
                 stopped = self.train_epoch(stop, bar)
             finally:
@@ -197,7 +200,7 @@ class Trainer:
                 return self.write_metrics(finished=True, partial=partial)
             row = self.end_epoch()
             if show and bar is None:
-                print(_epoch_line(row, cfg.epochs), flush=True)
+                print(epoch_line(row, cfg.epochs), flush=True)
         return self.write_metrics(finished=True)
 
     # -- checkpoints and reports
@@ -264,50 +267,12 @@ def run_metrics(trainer: Trainer, finished: bool, partial: dict | None = None) -
             "partial_epoch": partial, "history": p.history}
 
 
-def _progress(show: bool, total: int, epoch: int, epochs: int, start: int):
-    if not show or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=start, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
-                dynamic_ncols=True)
-
-
-def _epoch_line(row: dict, epochs: int) -> str:
-    return (f"epoch {row['epoch']}/{epochs}  loss {row['train_loss']:.4f} (ce {row['ce_loss']:.4f}, "
-            f"nsr {row['nsr_loss']:.4f})  train {row['train_acc']:.2f}%  val {row['val_acc']:.2f}%  "
-            f"{row['epoch_time_s']:.1f}s")
-
-
 # ---------------------------------------------------------------------------------- entry
-
-def apply_trial_parameters(cfg: Config) -> None:
-    """Under an NNI trial, the tuner's parameters override the config."""
-    params = nni_trial.get_trial_parameters()
-    if params:
-        apply_overrides(cfg, nni_trial.config_overrides(params), "NNI parameters")
-        validate(cfg)
-
-
-@contextlib.contextmanager
-def enough_memory():
-    """A size the machine cannot hold (a huge --batch-size or --fake-size) is one line, not a
-    traceback from the allocator."""
-    try:
-        yield
-    except (MemoryError, RuntimeError) as e:
-        text = str(e)
-        if not isinstance(e, MemoryError) and not any(
-                s in text for s in ("DefaultCPUAllocator", "not enough memory", "out of memory")):
-            raise
-        raise UserError(f"not enough memory ({type(e).__name__}: {text.strip()[:120]}); lower "
-                        "--batch-size, --eval-batch-size or --fake-size") from None
-
 
 def train(cfg: Config) -> dict:
     """Run one training job as configured; returns the final metrics."""
     rt = setup_runtime(cfg)
-    apply_trial_parameters(cfg)
+    nni_trial.apply_trial_parameters(cfg)
     cfg.out = cfg.out or default_out(cfg.model, cfg.dataset, cfg.nsr, cfg.seed)
     folder = OutputFolder(cfg.out, writer=rt.main)
     resume_from = folder.prepare(cfg.resume, cfg.overwrite)
@@ -319,7 +284,8 @@ def train(cfg: Config) -> dict:
         trainer.restore(resume_from, state)
         if trainer.done() and folder.finished():
             metrics = read_json(folder.file("metrics.json"))
-            _print_summary(metrics, cfg, rt)
+            if rt.main:
+                print_summary(metrics, cfg.out)
             return metrics
     folder.begin(replace=cfg.overwrite and state is None,
                  config_text=yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -334,7 +300,7 @@ def train(cfg: Config) -> dict:
         raise
     if rt.main:
         nni_trial.report_final(metrics["best_val_acc"], metrics["test_acc"])
-    _print_summary(metrics, cfg, rt)
+        print_summary(metrics, cfg.out)
     return metrics
 
 
@@ -351,20 +317,6 @@ def _interrupted(trainer: Trainer) -> RunInterrupted:
     if not rt.main:  # rank 0 saves for all ranks
         return RunInterrupted(f"rank {rt.rank}: {where}")
     return RunInterrupted(f"{where}; saved {folder.file('last.pt')}; continue with --resume")
-
-
-def _print_summary(m: dict, cfg: Config, rt: Runtime) -> None:
-    if not rt.main:
-        return
-    kind = f"NSR {dict(zip(m['nsr_layers'], m['lambda']))}" if m["nsr"] else "vanilla"
-    result = (f"test error {m['test_error']:.2f}% (best val {m['best_val_acc']:.2f}% at epoch "
-              f"{m['best_epoch']})" if m["best_epoch"] >= 1 else "no epoch finished")
-    partial = m.get("partial_epoch")
-    if partial:
-        result += (f"; stopped by --max-steps in epoch {partial['epoch']} at step {partial['step']}/"
-                   f"{partial['of']} (val {partial['val_acc']:.2f}%, test {partial['test_acc']:.2f}% there)")
-    print(f"{m['model']} {kind} on {m['dataset']}: {result}; {m['train_time_s']:.1f}s training; "
-          f"outputs in {cfg.out}")
 
 
 def main(default_config: str | None = None, defaults: dict | None = None, description: str = "",

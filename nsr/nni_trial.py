@@ -21,7 +21,7 @@ import math
 import os
 from typing import Any
 
-__all__ = ["in_trial", "get_trial_parameters", "config_overrides", "report_intermediate", "report_final"]
+__all__ = ["in_trial", "get_trial_parameters", "config_overrides", "apply_trial_parameters", "report_intermediate", "report_final"]
 
 
 def in_trial() -> bool:
@@ -55,6 +55,16 @@ def config_overrides(params: dict[str, Any]) -> dict[str, Any]:
     if "lambda" in overrides and not isinstance(overrides["lambda"], list):
         overrides["lambda"] = [overrides["lambda"]]
     return overrides
+
+
+def apply_trial_parameters(cfg) -> None:
+    """Under an NNI trial, the tuner's parameters override `cfg` (an nsr.config.Config)."""
+    params = get_trial_parameters()
+    if params:
+        from .config import apply_overrides, validate
+
+        apply_overrides(cfg, config_overrides(params), "NNI parameters")
+        validate(cfg)
 
 
 def _finite(name: str, value: float) -> float:
