@@ -42,6 +42,15 @@ def _worker(rank: int, port: int, out: str, dump: str, args: list[str] = ARGS,
         return metrics
 
     engine.Trainer.fit = fit_and_dump
+
+    def record_report(kind):  # what would go to NNI, per rank
+        def report(*values):
+            with open(os.path.join(dump, f"rank{rank}.nni"), "a") as f:
+                f.write(f"{kind} {values}\n")
+        return report
+
+    engine.nni_trial.report_intermediate = record_report("intermediate")
+    engine.nni_trial.report_final = record_report("final")
     if interrupt_at is not None and rank in interrupt_ranks:  # Ctrl-C reaching these ranks only
         step = engine.Trainer.train_step
 
@@ -72,6 +81,9 @@ def test_two_ranks_end_with_identical_weights_and_nsr_memory(tmp_path):
     assert r0["samples"] == r1["samples"] == (64 - 13) // 2
     m = json.loads(open(os.path.join(out, "metrics.json")).read())
     assert m["world_size"] == 2 and m["global_steps"] == 3 and m["finished"]
+    # only rank 0 reports to NNI (a max-steps stop inside epoch 1: the final result only)
+    assert open(os.path.join(dump, "rank0.nni")).read() == f"final ({m['best_val_acc']}, {m['test_acc']})\n"
+    assert not os.path.exists(os.path.join(dump, "rank1.nni"))
 
 
 def _run(tmp_path, name, args, interrupt_at=None, interrupt_ranks=(0, 1)):

@@ -1,6 +1,7 @@
 """The training engine end to end on digits (no download): outputs, protocol, resume."""
 
 import csv
+import time
 import json
 import os
 
@@ -130,3 +131,19 @@ def test_a_model_that_cannot_take_the_data_fails_before_training(tmp_path, capsy
     assert exit_info.value.code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert err.startswith("error: model mlp4 cannot take digits's inputs of shape (1, 8, 8) (")
     assert not (tmp_path / "o").exists()
+
+
+def test_train_time_counts_training_steps_only(tmp_path, monkeypatch):
+    import nsr.engine as engine
+
+    evaluate = engine.evaluate
+
+    def slow_evaluate(trainer, batches):
+        time.sleep(0.3)
+        return evaluate(trainer, batches)
+
+    monkeypatch.setattr(engine, "evaluate", slow_evaluate)
+    m = train(parse_args([*FAST, "--epochs", "2", "--out", str(tmp_path / "t")]))
+    assert m["eval_time_s"] >= 0.3 * 3 - 1e-3  # validation in both epochs, test at least once
+    assert m["train_time_s"] == pytest.approx(sum(r["epoch_time_s"] for r in m["history"]))
+    assert m["train_time_s"] < 0.9, "counting the evaluations would make it 0.9 s or more"
