@@ -81,8 +81,9 @@ def test_two_ranks_end_with_identical_weights_and_nsr_memory(tmp_path):
     assert r0["samples"] == r1["samples"] == (64 - 13) // 2
     m = json.loads(open(os.path.join(out, "metrics.json")).read())
     assert m["world_size"] == 2 and m["global_steps"] == 3 and m["finished"]
-    # only rank 0 reports to NNI (a max-steps stop inside epoch 1: the final result only)
-    assert open(os.path.join(dump, "rank0.nni")).read() == f"final ({m['best_val_acc']}, {m['test_acc']})\n"
+    # only rank 0 reports to NNI: epoch 1 (its 3 steps) and the final result
+    assert open(os.path.join(dump, "rank0.nni")).read().splitlines() == [
+        f"intermediate ({m['history'][0]['val_acc']},)", f"final ({m['best_val_acc']}, {m['test_acc']})"]
     assert not os.path.exists(os.path.join(dump, "rank1.nni"))
 
 
