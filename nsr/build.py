@@ -137,4 +137,4 @@ def enough_memory():
                 s in text for s in ("DefaultCPUAllocator", "not enough memory", "out of memory")):
             raise
         raise UserError(f"not enough memory ({type(e).__name__}: {text.strip()[:120]}); lower "
-                        "--batch-size, --eval-batch-size or --fake-size") from None
+                        "--batch-size, --eval-batch-size, --queue-batches or --fake-size") from None

@@ -12,6 +12,7 @@ import argparse
 import difflib
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -253,6 +254,11 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg, key)
         if not math.isfinite(value) or value < 0:
             raise UserError(f"{key} must be a finite number >= 0, got {value}")
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
+        raise UserError(f"unknown device {cfg.device!r}; use auto, cpu, cuda or cuda:N")
+    if any(m < 1 for m in cfg.milestones):
+        raise UserError(f"milestones are epochs (1 or more) after which lr is multiplied by gamma, "
+                        f"got {cfg.milestones}")
     if cfg.optimizer == "sgd" and cfg.nesterov and cfg.momentum == 0:
         raise UserError("nesterov needs momentum > 0; set momentum (e.g. --momentum 0.9) or --no-nesterov")
     for key, choices in CHOICES.items():
@@ -265,6 +271,9 @@ def validate(cfg: Config) -> None:
         for lam in cfg.lambda_:
             if not math.isfinite(lam) or lam < 0:
                 raise UserError(f"lambda must be finite and >= 0, got {lam}")
+        repeated = sorted({n for n in cfg.nsr_layers if cfg.nsr_layers.count(n) > 1})
+        if repeated:
+            raise UserError(f"NSR layer {repeated[0]!r} is named twice in nsr_layers; name each layer once")
         if len(cfg.lambda_) == 1 and len(cfg.nsr_layers) > 1:
             cfg.lambda_ = cfg.lambda_ * len(cfg.nsr_layers)
         if len(cfg.lambda_) != len(cfg.nsr_layers):

@@ -73,6 +73,9 @@ def test_to_dict_uses_the_yaml_names():
     (["--seed", str(2**32)], r"seed must lie in 0\.\.4294967295"),
     (["--cutout", "-2"], r"cutout must be >= 0"),
     (["--threads", "-1"], r"threads must lie in 0\.\.\d+ on this machine"),
+    (["--device", "meta"], r"unknown device 'meta'; use auto, cpu, cuda or cuda:N"),
+    (["--scheduler", "multistep", "--milestones", "0"], r"milestones are epochs \(1 or more\)"),
+    (["--nsr-layers", "out", "out", "--lambda", "1", "2"], r"NSR layer 'out' is named twice"),
     (["--workers", str(10**6)], r"workers must lie in 0\.\.\d+ on this machine .*got 1000000"),
 ])
 def test_bad_command_line_is_one_clear_error(argv, message):

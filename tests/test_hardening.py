@@ -144,7 +144,7 @@ def _script_cases(tmp, ref_out):
                          ["threads must lie in 0..", "got 1000000"]),
         "fake-size-huge": ("fdnn_vanilla.py", [*RUN, "--dataset", "fake", "--fake-size", "1000000000000",
                                                "--out", os.path.join(tmp, "o5")],
-                           ["not enough memory", "lower --batch-size, --eval-batch-size or --fake-size"]),
+                           ["not enough memory", "lower --batch-size, --eval-batch-size, --queue-batches or --fake-size"]),
         "per-channel-2d": ("fdnn_nsr.py", [*RUN, "--per-channel", "--out", os.path.join(tmp, "o6")],
                            ["per_channel averages N x C x H x W outputs", "(out) give N x D"]),
         "nsr-on-input": ("fdnn_nsr.py", [*RUN, "--nsr-layers", "flatten", "--out", os.path.join(tmp, "o7")],
