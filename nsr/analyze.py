@@ -338,7 +338,10 @@ def load_config(args):
     overrides = {k: getattr(args, k) for k in ("dataset", "data_dir", "val_size", "device", "seed")
                  if getattr(args, k) is not None}
     apply_overrides(cfg, overrides, "command line")
-    validate(cfg)
+    try:
+        validate(cfg)
+    except UserError as e:
+        raise UserError(f"{args.checkpoint}: {e}" if args.checkpoint else str(e)) from None
     return cfg, state
 
 

@@ -1,6 +1,9 @@
 """nsr.analyze: intra-class variance on models where it is known by construction."""
 
 import json
+import os
+import subprocess
+import sys
 from collections import OrderedDict
 from pathlib import Path
 
@@ -168,3 +171,87 @@ def test_cli_warmup_then_compare_checkpoints(tmp_path, capsys):
     # after one epoch best.pt and last.pt are the same weights: identical numbers
     np.testing.assert_allclose(per["checkpoint"], per["compare"])
     assert "compare intra" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------- bad input
+
+def _cli(*args, cwd, expect=2):
+    """python -m nsr.analyze; with expect=2 exactly one `error:` line on stderr, no traceback."""
+    proc = subprocess.run([sys.executable, "-m", "nsr.analyze", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == expect, (args, proc.returncode, proc.stdout, proc.stderr)
+    if expect == 2:
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return proc
+
+
+def _files(folder: Path) -> dict:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.skipif(not ENGINE_READY, reason="training engine not present")
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
+    from nsr.checkpoint import load_checkpoint, save_checkpoint
+
+    for model in ("mlp4",):
+        subprocess.run([sys.executable, str(REPO / "fdnn_nsr.py"), "--config",
+                        str(REPO / "configs" / f"{model}.yaml"), "--dataset", "digits", "--epochs", "1",
+                        "--out", str(tmp_path / model), "--quiet"], check=True,
+                       capture_output=True, timeout=300, cwd=tmp_path)
+    state = load_checkpoint(str(tmp_path / "mlp4" / "best.pt"))
+    crafted = {  # a checkpoint's format marker with the wrong insides
+        "config_list": {**state, "config": [1, 2]},
+        "weights_text": {**state, "model": {"fc1.weight": "x"}},
+        "model_name": {**state, "config": {**state["config"], "model": "nope"}},
+        "epochs_text": {**state, "config": {**state["config"], "epochs": "many"}},
+        "wrong_shape": {**state, "model": {**state["model"], "out.weight": torch.zeros(3, 100)}},
+    }
+    for name, value in crafted.items():
+        save_checkpoint({k: v for k, v in value.items() if k != "format"}, str(tmp_path / f"{name}.pt"))
+    (tmp_path / "truncated.pt").write_bytes((tmp_path / "mlp4" / "best.pt").read_bytes()[:300])
+    (tmp_path / "a_file").write_text("x")
+    best = str(tmp_path / "mlp4" / "best.pt")
+    cases = {
+        "unknown option --seeds; did you mean --seed?": ["--checkpoint", best, "--seeds", "3"],
+        "argument --batch-size: invalid int value: 'x'": ["--checkpoint", best, "--batch-size", "x"],
+        "argument --split: invalid choice": ["--checkpoint", best, "--split", "all"],
+        "give --config": [],
+        "--max-samples must be at least 1": ["--checkpoint", best, "--max-samples", "0"],
+        "--warmup-epochs must be at least 1": ["--config", best, "--warmup-epochs", "0"],
+        "a_file is a file; give a folder": ["--checkpoint", best, "--out", "a_file"],
+        "lies under the file": ["--checkpoint", best, "--out", "a_file/sub"],
+        "is a folder; give a checkpoint file": ["--checkpoint", str(tmp_path / "mlp4")],
+        "not found": ["--checkpoint", "missing.pt"],
+        "truncated or not a PyTorch checkpoint": ["--checkpoint", "truncated.pt"],
+        "config_list.pt holds no model weights and config": ["--checkpoint", "config_list.pt"],
+        "weights_text.pt holds no model weights": ["--checkpoint", "weights_text.pt"],
+        "model_name.pt: unknown model 'nope'": ["--checkpoint", "model_name.pt"],
+        "epochs expects int, got 'many'": ["--checkpoint", "epochs_text.pt"],
+        # a checkpoint of another model, class count or input shape than the data
+        "does not fit a mlp4 for 10 classes and inputs (1, 8, 8): out.weight is (3, 100) there":
+            ["--checkpoint", "wrong_shape.pt"],
+        "does not fit a mlp4 for 10 classes and inputs (1, 28, 28): fc1.weight is (256, 64) there":
+            ["--checkpoint", best, "--dataset", "fake"],
+        "wrong_shape.pt does not fit a mlp4": ["--checkpoint", best, "--compare", "wrong_shape.pt"],
+        "has no layer named 'nope'; candidates: fc1, relu1, fc2, relu2, out": ["--checkpoint", best,
+                                                                               "--layer", "nope"],
+        "unknown device 'tpu'": ["--checkpoint", best, "--device", "tpu"],
+        "val_size must be at least 1": ["--checkpoint", best, "--val-size", "-3"],
+    }
+    before = _files(tmp_path)
+    for expected, args in cases.items():
+        proc = _cli(*args, cwd=tmp_path)
+        assert expected in proc.stderr, (args, proc.stderr)
+    assert _files(tmp_path) == before  # no runs/ folder, no warm-up, nothing replaced
+    # the same checkpoint on the data it was trained on works
+    _cli("--checkpoint", best, "--max-samples", "100", "--out", "ok", cwd=tmp_path, expect=0)
+    assert json.loads((tmp_path / "ok" / "analysis.json").read_text())["num_samples"] == 100
+
+
+@pytest.mark.xfail(reason="nsr.config.load_yaml lets UnicodeDecodeError through (fix requested from "
+                          "config.py's owner)", strict=False)
+def test_binary_config_file_is_one_line(tmp_path):
+    (tmp_path / "binary.yaml").write_bytes(b"model: mlp4\n\x80\x81\xff\n")
+    proc = _cli("--config", "binary.yaml", cwd=tmp_path)
+    assert "binary.yaml" in proc.stderr and not (tmp_path / "runs").exists()
