@@ -6,13 +6,13 @@ test error side by side, as the paper's table does (mean ± std over seeds, rela
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
+from .config import _Parser as ArgumentParser
 from .config import parse_args
-from .engine import train
-from .errors import run_cli
+from .errors import UserError, run_cli
+from .report import check_writable
 from .stats import format_gain, format_mean_std, mean_std, relative_gain
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
@@ -20,10 +20,16 @@ CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--out", default=os.path.join("runs", "demo"))
+    parser = ArgumentParser(prog="python -m nsr.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=5, help="seeds per variant (default 5)")
+    parser.add_argument("--out", default=os.path.join("runs", "demo"),
+                        help="folder for the runs (default runs/demo; earlier demo runs there are replaced)")
     args = parser.parse_args(argv)
+    if not 1 <= args.seeds <= 100:
+        raise UserError(f"--seeds must be between 1 and 100, got {args.seeds}")
+    check_writable(args.out, "--out")
+    from .engine import train  # after the arguments are checked: importing torch takes seconds
+
     start = time.perf_counter()
     errors: dict[str, list[float]] = {"Vanilla": [], "Vanilla + NSR": []}
     for seed in range(args.seeds):
