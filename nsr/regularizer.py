@@ -92,7 +92,7 @@ class ClassMeanMemory(nn.Module):
         """B x W rows of detached B x D responses: [z | 1], or [relu(z) | z > 0] under active_only."""
         if self.active_only:
             return torch.cat([z.relu(), (z > 0).to(z.dtype)], dim=1)  # relu(z) == z * (z > 0)
-        return torch.cat([z, z.new_ones(z.shape[0], 1)], dim=1)
+        return F.pad(z, (0, 1), value=1.0)  # a column of ones
 
     def write(self, rows: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Put the per-class sums of `rows` (labels y) in the free slot and return that slot.
@@ -133,32 +133,29 @@ def _reread_ptr(memory: ClassMeanMemory, incompatible_keys) -> None:
     memory._free = None  # load_state_dict post-hook: the next step takes the free slot from `ptr`
 
 
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel / DataParallel, torch.compile
-
-
-def _without_wrappers(name: str) -> str:
-    while name.startswith(_WRAPPER_PREFIXES):
+def _unwrapped(name: str) -> str:
+    """The name without the prefixes of DistributedDataParallel ("module.") and torch.compile."""
+    while name.startswith(("module.", "_orig_mod.")):
         name = name.split(".", 1)[1]
     return name
 
 
 def _find_layers(model: nn.Module, names: Iterable[str]) -> list[nn.Module]:
-    """The module of each name; a name may leave out or add the wrappers' prefixes."""
+    """The module of each name, with or without the wrappers' prefixes."""
     modules = dict(model.named_modules())
-    unwrapped = {}  # named as they read without wrappers; neither the root nor a wrapper itself
+    unwrapped = {}  # by name without prefixes; neither the root nor a wrapper itself
     for full, module in modules.items():
-        if full and _without_wrappers(full + "."):
-            unwrapped.setdefault(_without_wrappers(full), module)
+        if full and _unwrapped(full + "."):
+            unwrapped.setdefault(_unwrapped(full), module)
     found = []
     for name in names:
         module = modules.get(name) if name else None
-        if module is None:
-            module = unwrapped.get(_without_wrappers(name))
+        module = unwrapped.get(_unwrapped(name)) if module is None else module
+        found.append(module)
         if module is None:
             close = difflib.get_close_matches(name, list(unwrapped), n=5, cutoff=0.4) or list(unwrapped)[:8]
             raise ValueError(f"NSR layer {name!r} is not a module of the model; closest valid names: "
                              f"{', '.join(close)}")
-        found.append(module)
     return found
 
 
