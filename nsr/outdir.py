@@ -45,6 +45,7 @@ class OutputFolder:
     def __init__(self, path: str, writer: bool = True):
         self.path, self.writer = path, writer
         self.previous: str | None = None   # the replaced run, until the new one has a checkpoint
+        self.notice: str | None = None     # a warning for begin(): only once the run has loaded
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
@@ -66,8 +67,7 @@ class OutputFolder:
             if present:
                 raise UserError(f"--resume: {self.path} holds a run ({', '.join(present)}) but no last.pt "
                                 "to continue from; pass --overwrite to start again, or choose another --out")
-            if self.writer:
-                warn(f"--resume: no checkpoint in {self.path}; starting a new run there")
+            self.notice = f"--resume: no checkpoint in {self.path}; starting a new run there"
         elif not overwrite and self.finished():
             raise UserError(f"{self.path} already holds a finished run; pass --overwrite to replace it, "
                             "or choose another --out")
@@ -103,6 +103,8 @@ class OutputFolder:
         """Once the run has loaded: create the folder, set a replaced run aside, write config.yaml."""
         if not self.writer:
             return
+        if self.notice:
+            warn(self.notice)
         os.makedirs(self.path, exist_ok=True)
         old = [n for n in RUN_FILES if os.path.exists(self.file(n))]
         if replace and old:

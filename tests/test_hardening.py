@@ -519,6 +519,13 @@ def test_resume_without_a_checkpoint_says_so_even_when_quiet_and_stale_temporari
     assert sorted(os.listdir(out)) == ["config.yaml", "history.csv", "last.pt", "metrics.json"]
 
 
+def test_resume_without_a_checkpoint_and_a_bad_setting_is_one_error_line(tmp_path, capsys):
+    code, err = run_main(capsys, [*RUN, "--out", str(tmp_path / "new"), "--resume", "--nsr-layers", "outt"])
+    assert code == 2
+    assert_one_error_line(err, "NSR layer 'outt'")
+    assert not (tmp_path / "new").exists()
+
+
 def test_max_steps_stop_then_resume_gives_identical_metrics(tmp_path, reference):
     """digits at batch 32 has 36 steps per epoch: --max-steps 50 stops inside epoch 2."""
     out = str(tmp_path / "run")
