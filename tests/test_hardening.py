@@ -24,9 +24,20 @@ Where each failure mode is tested (checks that already live elsewhere are refere
   --out not writable                      here, real script (out-under-a-file), /proc through main()
                                           (out-in-proc)
   YAML that is not YAML                   test_config.py::test_bad_yaml_keys_and_types; here real script
+  nesterov without momentum, huge         here, real scripts (nesterov-no-momentum, threads-huge,
+  --threads / --fake-size                 fake-size-huge); the rest in test_config.py
+  --per-channel on N x D outputs, NSR     here, real script (per-channel-2d, nsr-on-input)
+  on the input (flatten)
+  model that cannot take the data         test_engine.py::test_a_model_that_cannot_take_the_data_fails_before_training
+  crafted last.pt (right marker)          here, real script (crafted-position, crafted-shape)
+  --resume with no / a lost checkpoint    here: a warning line even with --quiet; results without
+                                          last.pt is an error (resume-without-last.pt)
   faults                                  here: atomic + complete checkpoints, truncated / foreign /
-                                          malicious last.pt, SIGKILL and SIGINT then --resume (identical
-                                          metrics), NaN loss, resume with other settings
+                                          malicious last.pt, SIGKILL, SIGINT and --max-steps then
+                                          --resume (identical metrics), NaN loss, resume with other
+                                          settings, stale temporaries removed; --overwrite that fails
+                                          (NaN, exception, Ctrl-C, SIGKILL) before its first
+                                          checkpoint keeps the finished run
 """
 
 import json
