@@ -286,21 +286,21 @@ def warmup(cfg, epochs: int, out: Path) -> str:
 
 def _label(path: str, cfg) -> str:
     """'vanilla (seed0/best.pt)' or 'NSR out=7.49 (nsr/best.pt)'."""
-    where = "/".join(Path(path).parts[-2:])
-    if cfg.nsr:
-        what = " ".join(f"{n}={float(v):.3g}" for n, v in zip(cfg.nsr_layers, cfg.lambda_))
-        return f"NSR {what} ({where})"
-    return f"vanilla ({where})"
+    lambdas = (f"{n}={v:.3g}" for n, v in zip(cfg.nsr_layers, cfg.lambda_))
+    what = " ".join(["NSR", *lambdas]) if cfg.nsr else "vanilla"
+    return f"{what} ({'/'.join(Path(path).parts[-2:])})"
 
 
 # ------------------------------------------------------------------------------- CLI
 
 def parse_args(argv=None):
+    from .report import nonempty, path_arg
+
     p = ArgumentParser(prog="python -m nsr.analyze", description=__doc__.splitlines()[0])
-    p.add_argument("--config", help="YAML config (model, data set) for the warm-up run; with "
-                                    "--checkpoint the checkpoint's saved config is used instead")
-    p.add_argument("--checkpoint", help="model to analyse (default: a short vanilla warm-up run)")
-    p.add_argument("--compare", help="second checkpoint (e.g. the NSR run) for the histogram")
+    p.add_argument("--config", type=nonempty, help="YAML config (model, data set) of the warm-up "
+                   "run; with --checkpoint the checkpoint's saved config is used instead")
+    p.add_argument("--checkpoint", type=nonempty, help="model to analyse (default: a warm-up run)")
+    p.add_argument("--compare", type=nonempty, help="second checkpoint (e.g. NSR's) for the histogram")
     p.add_argument("--dataset", help="override the config's data set")
     p.add_argument("--data-dir", dest="data_dir", help="override the config's data folder")
     p.add_argument("--val-size", dest="val_size", type=int, help=argparse.SUPPRESS)
@@ -313,7 +313,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=500, help="analysis batch size (default 500)")
     p.add_argument("--warmup-epochs", type=int, default=3, help="warm-up epochs without --checkpoint")
     p.add_argument("--seed", type=int, help="seed of the warm-up run")
-    p.add_argument("--out", type=Path, help="output folder (default runs/analyze-<model>-<dataset>)")
+    p.add_argument("--out", type=path_arg, help="output folder (default runs/analyze-<model>-<dataset>)")
     args = p.parse_args(argv)
     if not args.checkpoint and not args.config:
         raise UserError("give --config (a warm-up run is trained) or --checkpoint")
@@ -381,7 +381,7 @@ def analyse(args, models: list[tuple[str, nn.Module, object]], data, device) -> 
         layers += [plotted] if plotted not in layers else []
         check_layers(cmodel, layers, f"--compare {cpath}")
         measured = measure(cmodel, data, args, device, layers)
-        compare_rows = [r for r in summarize_layers(measured)]
+        compare_rows = summarize_layers(measured)
         series.append((_label(cpath, ccfg), measured[plotted]["intra"]))
     return {
         "checkpoint": path, "compare": args.compare, "model": cfg.model, "dataset": cfg.dataset,
@@ -404,20 +404,21 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     cfg, state = load_config(args)
-    compare = read_checkpoint(args.compare) if args.compare else None
+    second = read_checkpoint(args.compare) if args.compare else None
     device = setup_runtime(cfg).device
     out = args.out or Path("runs") / f"analyze-{cfg.model}-{cfg.dataset}"
     check_writable(out, "--out")
     torch.manual_seed(cfg.seed)
     data = load_data(cfg, device)
     checkpoint = args.checkpoint
-    check_layers(load_model(checkpoint, state, cfg, data, device), args.named, checkpoint or cfg.model)
+    model = load_model(checkpoint, state, cfg, data, device)  # without a checkpoint: fresh weights
+    check_layers(model, args.named, checkpoint or cfg.model)
+    compare = [(args.compare, load_model(args.compare, *second, data, device), second[1])] if second else []
     if checkpoint is None:
         checkpoint = warmup(cfg, args.warmup_epochs, out / "warmup")
         state, cfg = read_checkpoint(checkpoint)
-    models = [(checkpoint, load_model(checkpoint, state, cfg, data, device), cfg)]
-    if compare:
-        models.append((args.compare, load_model(args.compare, *compare, data, device), compare[1]))
+        model = load_model(checkpoint, state, cfg, data, device)
+    models = [(checkpoint, model, cfg), *compare]
     report = analyse(args, models, data, device)
     print_variance(report)
     out.mkdir(parents=True, exist_ok=True)

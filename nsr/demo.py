@@ -12,7 +12,7 @@ import time
 from .config import _Parser as ArgumentParser
 from .config import parse_args
 from .errors import UserError, run_cli
-from .report import check_writable
+from .report import check_writable, path_arg
 from .stats import format_gain, format_mean_std, mean_std, relative_gain
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
@@ -22,8 +22,8 @@ CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="python -m nsr.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5, help="seeds per variant (default 5)")
-    parser.add_argument("--out", default=os.path.join("runs", "demo"),
-                        help="folder for the runs (default runs/demo; earlier demo runs there are replaced)")
+    parser.add_argument("--out", type=path_arg, default=os.path.join("runs", "demo"),
+                        help="folder of the runs (default runs/demo); demo runs there are replaced")
     args = parser.parse_args(argv)
     if not 1 <= args.seeds <= 100:
         raise UserError(f"--seeds must be between 1 and 100, got {args.seeds}")
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     for seed in range(args.seeds):
         for label, nsr in (("Vanilla", False), ("Vanilla + NSR", True)):
             kind = "nsr" if nsr else "vanilla"
-            cfg = parse_args(["--seed", str(seed), "--out", os.path.join(args.out, f"{kind}-s{seed}"),
+            cfg = parse_args(["--seed", str(seed), "--out", str(args.out / f"{kind}-s{seed}"),
                               "--overwrite", "--quiet", "--nsr" if nsr else "--no-nsr"],
                              default_config=CONFIG)
             metrics = train(cfg)

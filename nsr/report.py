@@ -16,6 +16,7 @@ Runs not finished are left out (a warning names them); a damaged metrics.json is
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -247,6 +248,17 @@ def write_curves(out: Path, results: dict, key: str = "val_acc") -> Path | None:
     return path
 
 
+def nonempty(text: str) -> str:
+    """argparse type of a name or path that must not be empty (an empty path would mean '.')."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def path_arg(text: str) -> Path:
+    return Path(nonempty(text))
+
+
 def check_writable(out: Path, flag: str = "OUT") -> None:
     """OUT is a folder, or can be made in one, that this process can write (checked before
     anything is written)."""
@@ -375,7 +387,7 @@ def print_variance(report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m nsr.report", description=__doc__.splitlines()[0])
-    parser.add_argument("out", type=Path, metavar="OUT", help="the --out folder of nsr.reproduce")
+    parser.add_argument("out", type=path_arg, metavar="OUT", help="the --out folder of nsr.reproduce")
     parser.add_argument("--models", nargs="+", metavar="MODEL",
                         help="columns to show, in this order (default: every model in OUT)")
     args = parser.parse_args(argv)

@@ -75,10 +75,6 @@ class Run:
     def label(self) -> str:
         return f"{self.model} {self.variant.name:<7} seed {self.seed}"
 
-    @property
-    def stem(self) -> str:
-        return f"{self.model}-{self.variant.name}-seed{self.seed}"
-
 
 # ------------------------------------------------------------------------------- planning
 
@@ -252,7 +248,8 @@ def _tail(path: Path, lines: int = 25) -> str:
 def execute(run: Run, log_dir: Path, progress: Progress, env: dict) -> str | None:
     """Train one run as a subprocess in this process's working folder (so that relative paths in
     configs mean what they mean for the scripts); None when it finished, else why it failed."""
-    out_log, err_log = log_dir / f"{run.stem}.stdout.log", log_dir / f"{run.stem}.stderr.log"
+    stem = log_dir / f"{run.model}-{run.variant.name}-seed{run.seed}"
+    out_log, err_log = stem.with_suffix(".stdout.log"), stem.with_suffix(".stderr.log")
     how = {"resumable": "resuming", "stale": "restarting"}.get(run.state, "training")
     progress.line(f"{run.label}: {how}")
     start = time.monotonic()
@@ -318,27 +315,24 @@ def run_all(runs: list[Run], log_dir: Path, jobs: int, fail_fast: bool = False) 
 # ------------------------------------------------------------------------------- command line
 
 def parse_args(argv=None):
-    p = ArgumentParser(prog="python -m nsr.reproduce",
-                       description="Train every variant of each model over several seeds and "
-                                   "build the paper's table.")
-    p.add_argument("--models", nargs="+", metavar="MODEL",
-                   help="config names under configs/: mlp3 mlp4 mlp6 mlp8 mlp10 resnet18_cifar10 "
-                        "vgg19_cifar10 (with --table-only: default every model found in --out)")
+    p = ArgumentParser(prog="python -m nsr.reproduce", description="Train every variant of each "
+                       "model over several seeds and build the paper's table.")
+    p.add_argument("--models", nargs="+", metavar="MODEL", type=report.nonempty,
+                   help="config names under configs/ (mlp3 ... mlp10, resnet18_cifar10, vgg19_cifar10); "
+                        "with --table-only: default every model found in --out")
     p.add_argument("--seeds", type=int, default=5, help="seeds per model and variant (default 5)")
     p.add_argument("--first-seed", type=int, default=0, help="seeds are FIRST..FIRST+SEEDS-1 (default 0)")
-    p.add_argument("--dataset", help="override the configs' data set (e.g. fashion-mnist, digits)")
-    p.add_argument("--data-dir", help="passed to every run")
-    p.add_argument("--out", required=True, type=Path, help="output folder (runs, logs, tables)")
+    p.add_argument("--dataset", type=report.nonempty, help="override the configs' data set (e.g. digits)")
+    p.add_argument("--data-dir", type=report.nonempty, help="passed to every run")
+    p.add_argument("--out", required=True, type=report.path_arg, help="output folder (runs, logs, tables)")
     p.add_argument("--epochs", type=int, help="override the configs' epochs")
-    p.add_argument("--lambda-from", nargs="+", metavar="[MODEL=]FILE",
-                   help="λ for NSR runs from a λ-search best.json ({\"parameters\": {\"lambda\": ...}}); "
-                        "FILE applies to every model, MODEL=FILE to one (default: the configs' λ). "
-                        "Other searched parameters (nsr_layer, queue_batches) go to the NSR runs too")
+    p.add_argument("--lambda-from", nargs="+", metavar="[MODEL=]FILE", type=report.nonempty,
+                   help="λ (and the other searched parameters) for NSR runs from an nsr.search "
+                        "best.json; FILE for every model, MODEL=FILE for one (default: the configs' λ)")
     p.add_argument("--extra", default="", help='extra flags for every run, e.g. "--max-steps 50"')
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once (default 1)")
     p.add_argument("--fail-fast", action="store_true", help="start no new run after a failure")
-    p.add_argument("--table-only", action="store_true",
-                   help="only rebuild table and curves (as python -m nsr.report OUT)")
+    p.add_argument("--table-only", action="store_true", help="only rebuild the report (= nsr.report OUT)")
     p.add_argument("--dry-run", action="store_true", help="print what would run, train nothing")
     p.add_argument("--python", default=sys.executable, help=argparse.SUPPRESS)
     p.add_argument("--repo", type=Path, default=REPO, help=argparse.SUPPRESS)
@@ -389,11 +383,6 @@ def model_kinds(models: list[str], repo: Path) -> dict[str, bool]:
     return {m: is_mlp(parse_config(["--config", str(configs / f"{m}.yaml")]).model) for m in models}
 
 
-def print_plan(runs: list[Run]) -> None:
-    for r in runs:
-        print(f"{r.label}: {r.state}" + ("" if r.state == "finished" else f"\n  $ {shlex.join(r.command)}"))
-
-
 def main(argv=None, variants=VARIANTS) -> int:
     args = parse_args(argv)
     if args.table_only:
@@ -401,7 +390,9 @@ def main(argv=None, variants=VARIANTS) -> int:
         return 0
     runs = plan(args, variants)
     if args.dry_run:
-        print_plan(runs)
+        for r in runs:
+            command = "" if r.state == "finished" else f"\n  $ {shlex.join(r.command)}"
+            print(f"{r.label}: {r.state}{command}")
         return 0
     todo = sum(r.state != "finished" for r in runs)
     print(f"{len(runs)} runs ({len(args.models)} models x {args.seeds} seeds x {len(variants)} "
