@@ -113,8 +113,11 @@ class ClassMeanMemory(nn.Module):
     def advance(self, newest: torch.Tensor) -> None:
         """Make `newest` (the slot write() returned) the newest of the K, the oldest the free slot."""
         ring, oldest = self.ring, (self._free + 1) % (self.queue_batches + 1)
-        if oldest == 0:  # once per lap: slots 1..K are the window; O(K*C*W) every K + 1 steps
-            torch.sum(ring[1:], dim=0, out=self.total)
+        if self.queue_batches == 1:  # the window is this batch alone
+            self.total.copy_(newest)
+        elif oldest == 0:  # once per lap, the exact sum (slot 0 is free): O(K*C*W) every K + 1 steps
+            ring[0].zero_()
+            torch.sum(ring, dim=0, out=self.total)
         else:
             self.total.add_(newest).sub_(ring[oldest])
         self.ptr.fill_(oldest)
@@ -178,7 +181,7 @@ class NeuronSteadiness(nn.Module):
         the batch into memory checks them anyway, so this costs nothing), on the first call only
         on accelerators, where reading values forces a host sync. True: every call, everywhere.
         False: never on accelerators. Shape and dtype of the labels are always checked.
-    After a call, `reg.last` holds each layer's unweighted loss (detached).
+    After a call, `reg.last` gives each layer's unweighted loss (detached).
     """
 
     def __init__(self, model: nn.Module, layers: Mapping[str, float] | Iterable[str],
@@ -203,7 +206,7 @@ class NeuronSteadiness(nn.Module):
         self.num_classes, self.queue_batches, self.active_only = num_classes, queue_batches, active_only
         self.per_channel, self.sync, self.check_labels = per_channel, sync, check_labels
         self.memories = nn.ModuleList(ClassMeanMemory(num_classes, queue_batches, active_only) for _ in self.names)
-        self.last: dict[str, torch.Tensor] = {}
+        self._last: dict[str, tuple[torch.Tensor, int]] = {}  # (loss or sum of squares, divisor)
         self._captured: dict[str, torch.Tensor] = {}  # the named layers' outputs of this forward pass
         self._labels_checked = False
         # Handles in a plain list: the model must not become a submodule of the regularizer.
@@ -218,6 +221,11 @@ class NeuronSteadiness(nn.Module):
                     raise TypeError(f"NSR layer {name!r} returned {type(output).__name__}, not a tensor")
                 self._captured[name] = output
         return hook
+
+    @property
+    def last(self) -> dict[str, torch.Tensor]:
+        """Each layer's unweighted NSR loss in the last call (detached)."""
+        return {name: loss / n for name, (loss, n) in self._last.items()}
 
     def remove(self) -> None:
         """Detach the hooks from the model and drop anything captured."""
@@ -250,11 +258,12 @@ class NeuronSteadiness(nn.Module):
             D = z.shape[1]
             sums, counts = memory.total.tensor_split([D], dim=1)
             if self.active_only:  # a (class, neuron) with no active entry in the window: 0, not 0/0
-                loss = steadiness_loss(z, y, sums / counts.clamp_min(1), r[:, D:])
-            else:  # every label of the batch was just counted, so its count is >= 1
-                loss = F.mse_loss(z, (sums / counts).index_select(0, y))
-            self.last[name] = loss.detach()
-            weighted = loss * self.lambdas[name]
+                loss, n = steadiness_loss(z, y, sums / counts.clamp_min(1), r[:, D:]), 1
+            else:  # every label of the batch was just counted, so its count is >= 1.
+                # The mean as sum * (λ/n): mse_loss's mean form costs one more division per step.
+                loss, n = F.mse_loss(z, (sums / counts).index_select(0, y), reduction="sum"), z.numel()
+            self._last[name] = (loss.detach(), n)
+            weighted = loss * (self.lambdas[name] / n)
             total = weighted if total is None else total + weighted
         return total
 
