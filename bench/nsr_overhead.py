@@ -173,7 +173,8 @@ def main():
                    ["plain", "nsr", "floor", "original"], args.rounds, args.steps, warmup=20)
     verdict = "met" if r["nsr"] <= 1.15 and r["nsr"] < r["original"] else "NOT met"
     print(f"  MLP-4 NSR overhead: {r['nsr']:.3f}x, +{ops['nsr']} ops per step (target <= 1.15 and below "
-          f"the original approach: {verdict}); original approach {r['original']:.3f}x, +{ops['original']} ops; "
+          f"the original approach: {verdict}); original approach {r['original']:.3f}x, "
+          f"+{ops['original']} ops; "
           f"bare loss floor {r['floor']:.3f}x, +{ops['floor']} ops")
 
     if not args.skip_resnet:

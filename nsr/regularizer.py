@@ -205,7 +205,8 @@ class NeuronSteadiness(nn.Module):
         self.names = list(self.lambdas)
         self.num_classes, self.queue_batches, self.active_only = num_classes, queue_batches, active_only
         self.per_channel, self.sync, self.check_labels = per_channel, sync, check_labels
-        self.memories = nn.ModuleList(ClassMeanMemory(num_classes, queue_batches, active_only) for _ in self.names)
+        self.memories = nn.ModuleList(ClassMeanMemory(num_classes, queue_batches, active_only)
+                                      for _ in self.names)
         self._last: dict[str, tuple[torch.Tensor, int]] = {}  # (loss or sum of squares, divisor)
         self._captured: dict[str, torch.Tensor] = {}  # the named layers' outputs of this forward pass
         self._labels_checked = False
@@ -261,7 +262,8 @@ class NeuronSteadiness(nn.Module):
                 loss, n = steadiness_loss(z, y, sums / counts.clamp_min(1), r[:, D:]), 1
             else:  # every label of the batch was just counted, so its count is >= 1.
                 # The mean as sum * (λ/n): mse_loss's mean form costs one more division per step.
-                loss, n = F.mse_loss(z, (sums / counts).index_select(0, y), reduction="sum"), z.numel()
+                target = (sums / counts).index_select(0, y)
+                loss, n = F.mse_loss(z, target, reduction="sum"), max(z.numel(), 1)
             self._last[name] = (loss.detach(), n)
             weighted = loss * (self.lambdas[name] / n)
             total = weighted if total is None else total + weighted
