@@ -341,6 +341,8 @@ def test_bad_arguments_of_reproduce(fake_repo, tmp_path):
         "unknown option --lrr": ["--out", str(out), *base, "--extra", "--lrr 0.1"],
         "lr expects float": ["--out", str(out), *base, "--extra", "--lr fast"],
         "--models is required": ["--out", str(out), "--repo", str(repo)],
+        "argument --out: must not be empty": ["--out", "", *base],
+        "argument --data-dir: must not be empty": ["--out", str(out), *base, "--data-dir", " "],
     }
     for expected, argv in cases.items():
         proc = _cli("-m nsr.reproduce", *argv)
