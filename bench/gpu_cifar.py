@@ -71,7 +71,8 @@ def make_trainer(nsr: bool, n_train: int, batch: int, workers: int, pipeline: st
 
 
 def timed_epoch(trainer: Trainer, epoch: int) -> float:
-    trainer.pos.epoch, trainer.pos.step, trainer.pos.sums, trainer.pos.seen = epoch, 0, {}, 0
+    trainer.pos.epoch, trainer.pos.step = epoch, 0
+    trainer.meter.reset()
     sync = torch.cuda.synchronize if trainer.rt.device.type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
@@ -137,7 +138,7 @@ def main() -> None:
             best = min(times)
             row = {"pipeline": pipeline, "nsr": nsr, "warmup_epoch_s": warm, "epoch_s": times,
                    "images_per_s": n_train / best,
-                   "train_acc": 100.0 * int(trainer.pos.sums["correct"]) / max(trainer.pos.seen, 1)}
+                   "train_acc": trainer.meter.summary()["train_acc"]}
             results["runs"].append(row)
             print(f"{pipeline:10} {'NSR' if nsr else 'vanilla':8} epoch {best:6.2f}s  "
                   f"{row['images_per_s']:8.0f} img/s  (warm-up epoch {warm:.2f}s)", flush=True)

@@ -31,7 +31,7 @@ from models import build_model  # noqa: E402
 from nsr import NeuronSteadiness  # noqa: E402
 from nsr.config import parse_args  # noqa: E402
 from nsr.data import IDX_FILES  # noqa: E402
-from nsr.engine import Runtime, Trainer  # noqa: E402
+from nsr.engine import Runtime, Trainer, evaluate  # noqa: E402
 
 
 def ours_epoch(data_dir: str, epoch: int, threads: int) -> float:
@@ -41,7 +41,7 @@ def ours_epoch(data_dir: str, epoch: int, threads: int) -> float:
     trainer.pos.epoch = epoch
     start = time.perf_counter()
     trainer.train_epoch(None)
-    trainer.evaluate(trainer.data.val)
+    evaluate(trainer, trainer.data.val)
     return time.perf_counter() - start
 
 

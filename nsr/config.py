@@ -158,6 +158,8 @@ def load_yaml(path: str) -> dict[str, Any]:
     try:
         with open(path) as f:
             data = yaml.safe_load(f)
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path!r} is not a text YAML file; pass a YAML file to --config") from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         line = f" at line {where.line + 1}" if where else ""
