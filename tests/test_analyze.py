@@ -249,8 +249,6 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
     assert json.loads((tmp_path / "ok" / "analysis.json").read_text())["num_samples"] == 100
 
 
-@pytest.mark.xfail(reason="nsr.config.load_yaml lets UnicodeDecodeError through (fix requested from "
-                          "config.py's owner)", strict=False)
 def test_binary_config_file_is_one_line(tmp_path):
     (tmp_path / "binary.yaml").write_bytes(b"model: mlp4\n\x80\x81\xff\n")
     proc = _cli("--config", "binary.yaml", cwd=tmp_path)
