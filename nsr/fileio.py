@@ -53,7 +53,8 @@ def read_json(path: str | os.PathLike) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid runs (on this machine)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -69,7 +70,7 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
     with contextlib.suppress(OSError):
         for name in os.listdir(folder):
             match = _TMP.search(name)
-            if match and int(match.group(1)) != os.getpid() and not _alive(int(match.group(1))):
+            if match and int(match.group(1)) != os.getpid() and not process_alive(int(match.group(1))):
                 with contextlib.suppress(OSError):
                     os.remove(os.path.join(folder, name))
                     removed.append(name)

@@ -22,7 +22,7 @@ import shutil
 import sys
 
 from .errors import UserError
-from .fileio import read_json, remove_stale_temporaries, write_atomic, write_json
+from .fileio import process_alive, read_json, remove_stale_temporaries, write_atomic, write_json
 
 RUN_FILES = ("config.yaml", "metrics.json", "history.csv", "last.pt", "best.pt")
 HISTORY_KEYS = ["epoch", "train_loss", "ce_loss", "nsr_loss", "train_acc", "val_acc", "val_top5_acc",
@@ -131,7 +131,7 @@ class OutputFolder:
     def _recover_previous(self) -> None:
         for name in os.listdir(self.path):
             match = _PREVIOUS.match(name)
-            if not match or int(match.group(1)) == os.getpid() or _alive(int(match.group(1))):
+            if not match or int(match.group(1)) == os.getpid() or process_alive(int(match.group(1))):
                 continue
             previous = self.file(name)
             if os.path.isfile(self.file("last.pt")):  # the new run got as far as a checkpoint
@@ -162,13 +162,3 @@ def _restore(out: str, previous: str) -> None:
     for name in os.listdir(previous):
         os.replace(os.path.join(previous, name), os.path.join(out, name))
     os.rmdir(previous)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
