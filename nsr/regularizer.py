@@ -55,9 +55,9 @@ class ClassMeanMemory(nn.Module):
         ptr    ()              the free slot, where the next batch goes (as MoCo's queue_ptr)
 
     A step writes the batch into the free slot, adds it to `total` and subtracts the oldest slot,
-    which becomes the free one: O(C*W) whatever K is. When the pointer wraps to 0, `total` is
-    re-summed from the ring, so add/subtract rounding never outlives one lap of K + 1 steps.
-    The buffers are made at the first step (D is not known before) or by a load_state_dict.
+    which becomes the free one: O(C*W) whatever K is. At each wrap of the pointer to 0, `total` is
+    re-summed, so rounding never outlives K + 1 steps. The buffers are made at the first step (D is
+    not known before) or by a load_state_dict.
     """
 
     def __init__(self, num_classes: int, queue_batches: int, active_only: bool):
@@ -65,9 +65,8 @@ class ClassMeanMemory(nn.Module):
         self.num_classes, self.queue_batches, self.active_only = num_classes, queue_batches, active_only
         for name in ("ring", "total", "ptr"):
             self.register_buffer(name, None)
-        # `ptr` is also kept as this host int, so a step indexes the ring without reading the buffer
-        # back (a host sync on a GPU). Each step sets both (ptr.fill_ does not sync); a load sets
-        # the int to None, and the next step reads it from `ptr`.
+        # `ptr` also as a host int, so a step indexes the ring without reading the buffer back (a host
+        # sync on a GPU). None after a load_state_dict: the next step then reads it from `ptr`.
         self._free: int | None = None
         self.register_load_state_dict_post_hook(_reread_ptr)
 
@@ -97,14 +96,13 @@ class ClassMeanMemory(nn.Module):
     def write(self, rows: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Put the per-class sums of `rows` (labels y) in the free slot and return that slot.
         Nothing else changes before advance(): a failed step (bad labels) leaves the K batches."""
-        ring = self.ring
-        if ring is None:
+        if self.ring is None:
             self.allocate(rows.shape[1], rows.dtype, rows.device)
-        elif ring.shape[2] != rows.shape[1]:
+        elif self.ring.shape[2] != rows.shape[1]:
             new = rows.shape[1] // 2 if self.active_only else rows.shape[1] - 1
             raise ValueError(f"layer output changed width from {self.dim} to {new} neurons; NSR memory needs "
                              "a fixed response size (use per_channel=True for varying spatial size)")
-        elif ring.device != rows.device or ring.dtype != rows.dtype:
+        elif self.ring.device != rows.device or self.ring.dtype != rows.dtype:
             self.to(device=rows.device, dtype=rows.dtype)  # e.g. loaded on the CPU, used on a GPU
         if self._free is None:
             self._free = int(self.ptr)  # once after a load_state_dict
@@ -112,14 +110,14 @@ class ClassMeanMemory(nn.Module):
 
     def advance(self, newest: torch.Tensor) -> None:
         """Make `newest` (the slot write() returned) the newest of the K, the oldest the free slot."""
-        ring, oldest = self.ring, (self._free + 1) % (self.queue_batches + 1)
+        oldest = (self._free + 1) % (self.queue_batches + 1)
         if self.queue_batches == 1:  # the window is this batch alone
             self.total.copy_(newest)
         elif oldest == 0:  # once per lap, the exact sum (slot 0 is free): O(K*C*W) every K + 1 steps
-            ring[0].zero_()
-            torch.sum(ring, dim=0, out=self.total)
+            self.ring[0].zero_()
+            torch.sum(self.ring, dim=0, out=self.total)
         else:
-            self.total.add_(newest).sub_(ring[oldest])
+            self.total.add_(newest).sub_(self.ring[oldest])
         self.ptr.fill_(oldest)
         self._free = oldest
 
@@ -136,27 +134,24 @@ def _reread_ptr(memory: ClassMeanMemory, incompatible_keys) -> None:
     memory._free = None  # load_state_dict post-hook: the next step takes the free slot from `ptr`
 
 
-def _unwrapped(name: str) -> str:
-    """The name without the prefixes of DistributedDataParallel ("module.") and torch.compile."""
-    while name.startswith(("module.", "_orig_mod.")):
-        name = name.split(".", 1)[1]
-    return name
-
-
 def _find_layers(model: nn.Module, names: Iterable[str]) -> list[nn.Module]:
-    """The module of each name, with or without the wrappers' prefixes."""
+    """The module of each name, with or without the prefixes of DistributedDataParallel ("module.")
+    and torch.compile ("_orig_mod.")."""
+    def unwrapped(name: str) -> str:
+        while name.startswith(("module.", "_orig_mod.")):
+            name = name.split(".", 1)[1]
+        return name
     modules = dict(model.named_modules())
-    unwrapped = {}  # by name without prefixes; neither the root nor a wrapper itself
+    bare = {}  # by name without prefixes; neither the root nor a wrapper itself
     for full, module in modules.items():
-        if full and _unwrapped(full + "."):
-            unwrapped.setdefault(_unwrapped(full), module)
+        if full and unwrapped(full + "."):
+            bare.setdefault(unwrapped(full), module)
     found = []
     for name in names:
         module = modules.get(name) if name else None
-        module = unwrapped.get(_unwrapped(name)) if module is None else module
-        found.append(module)
-        if module is None:
-            close = difflib.get_close_matches(name, list(unwrapped), n=5, cutoff=0.4) or list(unwrapped)[:8]
+        found.append(bare.get(unwrapped(name)) if module is None else module)
+        if found[-1] is None:
+            close = difflib.get_close_matches(name, list(bare), n=5, cutoff=0.4) or list(bare)[:8]
             raise ValueError(f"NSR layer {name!r} is not a module of the model; closest valid names: "
                              f"{', '.join(close)}")
     return found
@@ -177,10 +172,9 @@ class NeuronSteadiness(nn.Module):
     active_only: class means and loss use only entries > 0 (the original code's ReLU layers).
     per_channel: average N x C x H x W outputs over H, W first, so each channel is one neuron.
     sync: all-reduce batch statistics across ranks; default: when torch.distributed is initialised.
-    check_labels: range-check label values. "auto": every call on CPU (the index_add_ that enters
-        the batch into memory checks them anyway, so this costs nothing), on the first call only
-        on accelerators, where reading values forces a host sync. True: every call, everywhere.
-        False: never on accelerators. Shape and dtype of the labels are always checked.
+    check_labels: range-check label values. "auto": every call on CPU (free: index_add_ checks them
+        anyway), the first call only on accelerators (reading values is a host sync). True: every
+        call, everywhere. False: never on accelerators. Shape and dtype are always checked.
     After a call, `reg.last` gives each layer's unweighted loss (detached).
     """
 
@@ -243,31 +237,29 @@ class NeuronSteadiness(nn.Module):
                              "in training mode (model.train()) before each reg(y), once per step")
         zs = [self._responses(self._captured.pop(name)) for name in self.names]
         self._check_labels(y, zs[0].shape[0])
-        if y.dtype != torch.long or y.device != zs[0].device:
-            y = y.to(device=zs[0].device, dtype=torch.long)
+        y = y.to(device=zs[0].device, dtype=torch.long)  # no copy when it already is
         rows = [memory.rows(z.detach()) for memory, z in zip(self.memories, zs)]
         try:
             slots = [memory.write(r, y) for memory, r in zip(self.memories, rows)]
         except (IndexError, RuntimeError):
             self._raise_if_out_of_range(y.cpu())  # a label outside [0, C)? Only free slots changed.
             raise
-        if self._sync_enabled():  # every rank enters the statistics of the global batch
-            _all_reduce_together(slots)
-        total = None
+        if self._sync_enabled():  # every rank enters the global batch, in one all-reduce for all layers
+            flat = torch.cat([slot.flatten() for slot in slots])
+            dist.all_reduce(flat)
+            for slot, piece in zip(slots, flat.split([slot.numel() for slot in slots])):
+                slot.copy_(piece.view_as(slot))
+        terms = []
         for name, memory, z, r, slot in zip(self.names, self.memories, zs, rows, slots):
             memory.advance(slot)
-            D = z.shape[1]
-            sums, counts = memory.total.tensor_split([D], dim=1)
-            if self.active_only:  # a (class, neuron) with no active entry in the window: 0, not 0/0
-                loss, n = steadiness_loss(z, y, sums / counts.clamp_min(1), r[:, D:]), 1
-            else:  # every label of the batch was just counted, so its count is >= 1.
-                # The mean as sum * (λ/n): mse_loss's mean form costs one more division per step.
-                target = (sums / counts).index_select(0, y)
-                loss, n = F.mse_loss(z, target, reduction="sum"), max(z.numel(), 1)
+            means = memory.means()  # 0 for a (class, neuron) with nothing counted in the window
+            if self.active_only:
+                loss, n = steadiness_loss(z, y, means, r[:, z.shape[1]:]), 1
+            else:  # the sum times λ/n: mse_loss's mean form costs one more division per step
+                loss, n = F.mse_loss(z, means.index_select(0, y), reduction="sum"), max(z.numel(), 1)
             self._last[name] = (loss.detach(), n)
-            weighted = loss * (self.lambdas[name] / n)
-            total = weighted if total is None else total + weighted
-        return total
+            terms.append(loss * (self.lambdas[name] / n))
+        return sum(terms[1:], terms[0])
 
     def _responses(self, output: torch.Tensor) -> torch.Tensor:
         """B x D, in float32 at least (also under bf16/fp16 autocast)."""
@@ -276,7 +268,7 @@ class NeuronSteadiness(nn.Module):
         dtype = output.dtype if output.dtype in (torch.float32, torch.float64) else torch.float32
         if output.dim() > 2:
             output = output.flatten(2).mean(dim=2, dtype=dtype) if self.per_channel else output.flatten(1)
-        return output if output.dtype == dtype else output.to(dtype)
+        return output.to(dtype)
 
     def _check_labels(self, y: torch.Tensor, batch: int) -> None:
         if not isinstance(y, torch.Tensor):
@@ -297,9 +289,8 @@ class NeuronSteadiness(nn.Module):
             raise ValueError(f"NSR labels must lie in [0, {self.num_classes}), got values in [{lo}, {hi}]")
 
     def _sync_enabled(self) -> bool:
-        if self.sync is not None:
-            return self.sync
-        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        default = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        return default if self.sync is None else self.sync
 
     def class_means(self, name: str | None = None) -> torch.Tensor:
         """Current class means (C x D) of a layer (the first one by default)."""
@@ -318,11 +309,3 @@ class NeuronSteadiness(nn.Module):
     def extra_repr(self) -> str:
         return (f"layers={self.lambdas}, num_classes={self.num_classes}, queue_batches={self.queue_batches}, "
                 f"active_only={self.active_only}, per_channel={self.per_channel}")
-
-
-def _all_reduce_together(tensors: list[torch.Tensor]) -> None:
-    """Sum each tensor over all ranks, in place, with one all-reduce for all of them."""
-    flat = torch.cat([t.flatten() for t in tensors])
-    dist.all_reduce(flat)
-    for t, piece in zip(tensors, flat.split([t.numel() for t in tensors])):
-        t.copy_(piece.view_as(t))

@@ -28,17 +28,14 @@ import json
 import math
 import os
 import shlex
-import subprocess
 import sys
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import report
 from .config import _Parser as ArgumentParser
 from .errors import RunInterrupted, UserError, one_line, run_cli
+from .runner import run_all
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -204,112 +201,6 @@ def plan(args, variants=VARIANTS) -> list[Run]:
         raise UserError(f"{conflicts[0]}{more}; nothing was started: use another --out, or move "
                         "those run folders away to train them again")
     return runs
-
-
-# ------------------------------------------------------------------------------- running
-
-def _hms(seconds: float) -> str:
-    minutes, s = divmod(int(round(seconds)), 60)
-    h, m = divmod(minutes, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
-class Progress:
-    """Thread-safe progress lines: [done/total elapsed, ETA from the mean time of trained runs]."""
-
-    def __init__(self, total: int, to_train: int, jobs: int):
-        self.total, self.to_train, self.jobs = total, to_train, max(1, jobs)
-        self.done = self.trained = 0
-        self.train_time = 0.0
-        self.start = time.monotonic()
-        self.lock = threading.Lock()
-
-    def line(self, text: str, done: bool = False, trained_for: float | None = None) -> None:
-        with self.lock:
-            self.done += done
-            if trained_for is not None:
-                self.trained += 1
-                self.train_time += trained_for
-            eta = ""
-            if self.trained and self.to_train > self.trained:
-                left = self.train_time / self.trained * (self.to_train - self.trained) / self.jobs
-                eta = f", ETA {_hms(left)}"
-            elapsed = _hms(time.monotonic() - self.start)
-            print(f"[{self.done}/{self.total} {elapsed}{eta}] {text}", flush=True)
-
-
-def _tail(path: Path, lines: int = 25) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").rstrip().splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-def execute(run: Run, log_dir: Path, progress: Progress, env: dict) -> str | None:
-    """Train one run as a subprocess in this process's working folder (so that relative paths in
-    configs mean what they mean for the scripts); None when it finished, else why it failed."""
-    stem = log_dir / f"{run.model}-{run.variant.name}-seed{run.seed}"
-    out_log, err_log = stem.with_suffix(".stdout.log"), stem.with_suffix(".stderr.log")
-    how = {"resumable": "resuming", "stale": "restarting"}.get(run.state, "training")
-    progress.line(f"{run.label}: {how}")
-    start = time.monotonic()
-    # Logs are streamed while the run trains, so they are written in place, not atomically.
-    with open(out_log, "w") as fo, open(err_log, "w") as fe:
-        fo.write("$ " + shlex.join(run.command) + "\n")
-        fo.flush()
-        try:
-            rc = subprocess.call(run.command, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL, env=env)
-        except OSError as e:
-            rc = -1
-            fe.write(f"{e}\n")
-    took = time.monotonic() - start
-    try:
-        metrics = report.read_metrics(run.folder) or {}
-    except UserError:
-        metrics = {}
-    if rc == 0 and metrics.get("finished") is True:
-        err = metrics.get("test_error")
-        shown = f", test error {err:.2f}%" if isinstance(err, (int, float)) else ""
-        progress.line(f"{run.label}: done in {_hms(took)}{shown}", done=True, trained_for=took)
-        return None
-    why = f"exit code {rc}" if rc != 0 else "exited 0 but metrics.json is not marked finished"
-    tail = _tail(err_log) or _tail(out_log)
-    progress.line(f"{run.label}: FAILED ({why}) after {_hms(took)}; command: "
-                  f"{shlex.join(run.command)}\n  log: {err_log}\n"
-                  + "\n".join("  | " + line for line in tail.splitlines()), done=True, trained_for=took)
-    last = tail.splitlines()[-1] if tail else ""
-    return f"{run.label}: {why}: {last}\n    log: {err_log}"
-
-
-def run_all(runs: list[Run], log_dir: Path, jobs: int, fail_fast: bool = False) -> list[str]:
-    """Train every run not finished; one message per failed run. fail_fast: after the first
-    failure start no further run (runs in flight finish)."""
-    pending = [r for r in runs if r.state != "finished"]
-    progress = Progress(len(runs), len(pending), min(jobs, max(1, len(pending))))
-    for r in runs:
-        if r.state == "finished":
-            progress.line(f"{r.label}: skipped (finished)", done=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if jobs > 1 and "OMP_NUM_THREADS" not in env:  # jobs share the cores instead of oversubscribing
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
-    log_dir.mkdir(parents=True, exist_ok=True)
-    stop = threading.Event()
-
-    def one(run: Run) -> str | None:
-        if stop.is_set():
-            progress.line(f"{run.label}: not started (--fail-fast)", done=True)
-            return None
-        failure = execute(run, log_dir, progress, env)
-        if failure and fail_fast:
-            stop.set()
-        return failure
-
-    pool = ThreadPoolExecutor(max_workers=jobs)
-    try:
-        return [f for f in pool.map(one, pending) if f]
-    finally:
-        # On Ctrl-C queued runs never start; runs in flight stop on their own Ctrl-C and are waited for.
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ------------------------------------------------------------------------------- command line
