@@ -83,8 +83,9 @@ def build_checked_model(cfg: Config, num_classes: int, in_shape: tuple) -> nn.Mo
             hook.remove()
     for name, out in outputs.items():
         if torch.is_tensor(out) and not out.requires_grad:
-            raise UserError(f"{cfg.regularizer} layer {name!r} has no trainable parameters before it (its "
-                            "output is the input data), so it would change nothing; choose a later layer")
+            what = "NSR" if cfg.regularizer == "nsr" else "center-loss"
+            raise UserError(f"{what} layer {name!r} has no trainable parameters before it (its output is "
+                            f"the input data), so {what} would change nothing; choose a later layer")
     if cfg.regularizer == "nsr" and cfg.per_channel and outputs and all(o.dim() <= 2 for o in outputs.values()):
         raise UserError(f"per_channel averages N x C x H x W outputs, but the NSR layers "
                         f"({', '.join(outputs)}) give N x D; drop --per-channel")
