@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .center_loss import CenterLoss
 from .config import Config
 from .errors import UserError, one_line
 from .regularizer import NeuronSteadiness
@@ -65,12 +66,12 @@ def build_checked_model(cfg: Config, num_classes: int, in_shape: tuple) -> nn.Mo
     from models import build_model
 
     try:
-        model = build_model(cfg.model, num_classes, in_shape)
+        model = build_model(cfg.model, num_classes, in_shape, dropout=cfg.dropout)
     except ValueError as e:
         raise UserError(f"model {cfg.model} cannot be built for {cfg.dataset}: {one_line(e)}") from None
     outputs, names = {}, dict(model.named_modules())
     hooks = [names[n].register_forward_hook(lambda m, i, o, n=n: outputs.__setitem__(n, o))
-             for n in (cfg.nsr_layers if cfg.nsr else []) if n in names]
+             for n in (cfg.nsr_layers if cfg.regularizer != "none" else []) if n in names]
     model.eval()
     try:
         model(torch.zeros(2, *in_shape))
@@ -82,9 +83,10 @@ def build_checked_model(cfg: Config, num_classes: int, in_shape: tuple) -> nn.Mo
             hook.remove()
     for name, out in outputs.items():
         if torch.is_tensor(out) and not out.requires_grad:
-            raise UserError(f"NSR layer {name!r} has no trainable parameters before it (its output is "
-                            "the input data), so NSR would change nothing; choose a later layer")
-    if cfg.nsr and cfg.per_channel and outputs and all(o.dim() <= 2 for o in outputs.values()):
+            what = "NSR" if cfg.regularizer == "nsr" else "center-loss"
+            raise UserError(f"{what} layer {name!r} has no trainable parameters before it (its output is "
+                            f"the input data), so {what} would change nothing; choose a later layer")
+    if cfg.regularizer == "nsr" and cfg.per_channel and outputs and all(o.dim() <= 2 for o in outputs.values()):
         raise UserError(f"per_channel averages N x C x H x W outputs, but the NSR layers "
                         f"({', '.join(outputs)}) give N x D; drop --per-channel")
     return model.train()
@@ -108,13 +110,16 @@ def build_optimizer(cfg: Config, model: nn.Module):
     return opt, sched
 
 
-def build_regularizer(cfg: Config, model: nn.Module, num_classes: int) -> NeuronSteadiness | None:
-    if not cfg.nsr:
+def build_regularizer(cfg: Config, model: nn.Module, num_classes: int) -> NeuronSteadiness | CenterLoss | None:
+    """NSR, center loss (same layers and lambdas) or None; both are called as reg(y) after the forward."""
+    if cfg.regularizer == "none":
         return None  # vanilla: no hooks, no cost
+    layers = dict(zip(cfg.nsr_layers, cfg.lambda_))
     try:
-        return NeuronSteadiness(model, dict(zip(cfg.nsr_layers, cfg.lambda_)), num_classes=num_classes,
-                                queue_batches=cfg.queue_batches, active_only=cfg.active_only,
-                                per_channel=cfg.per_channel)
+        if cfg.regularizer == "center":
+            return CenterLoss(model, layers, num_classes=num_classes, alpha=cfg.center_alpha)
+        return NeuronSteadiness(model, layers, num_classes=num_classes, queue_batches=cfg.queue_batches,
+                                active_only=cfg.active_only, per_channel=cfg.per_channel)
     except ValueError as e:
         raise UserError(f"{e}; set nsr_layers in the config or --nsr-layers") from None
 

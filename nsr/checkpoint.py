@@ -78,6 +78,9 @@ def load_resumable(path: str, config: dict, map_location="cpu") -> dict:
     saved = state.get("config")
     if not isinstance(saved, dict):
         raise UserError(f"checkpoint {path} holds no config; it cannot be resumed")
+    # A checkpoint from before the baseline keys trained without them: resuming with one is a change.
+    saved = {"label_smoothing": 0.0, "dropout": 0.0, "center_alpha": 0.5,
+             "regularizer": "nsr" if saved.get("nsr", True) else "none", **saved}
     changed = [k for k in config if k not in RESUMABLE_CHANGES and k in saved and saved[k] != config[k]]
     if changed:
         diffs = ", ".join(f"{k}: {saved[k]!r} -> {config[k]!r}" for k in changed[:4])

@@ -45,13 +45,18 @@ class Config:
     gamma: float = 0.1
     augment: str = "none"               # none | crop_flip | crop_flip_cutout | imagenet
     cutout: int = 16
-    # NSR
+    # regularizer: nsr | center | none; `nsr: false` is the older spelling of `regularizer: none`
+    regularizer: str = "nsr"
     nsr: bool = True
     nsr_layers: list[str] = field(default_factory=lambda: ["out"])
     lambda_: list[float] = field(default_factory=lambda: [7.4865])
     queue_batches: int = 5
     active_only: bool = False
     per_channel: bool = False
+    center_alpha: float = 0.5           # center loss: rate at which the class centres move
+    # other baselines
+    label_smoothing: float = 0.0        # epsilon of the training cross-entropy (evaluation unchanged)
+    dropout: float = 0.0                # rate after each hidden activation; MLPs only
     # run
     seed: int = 0
     out: str = ""                       # empty: runs/<model>-<dataset>-<nsr|vanilla>-s<seed>
@@ -79,6 +84,7 @@ CHOICES = {
     "augment": ["none", "crop_flip", "crop_flip_cutout", "imagenet"],
     "amp": ["auto", "bf16", "fp16", "off"],
     "channels_last": ["auto", "on", "off"],
+    "regularizer": ["nsr", "center", "none"],
 }
 HELP = {
     "config": "YAML file whose keys set the defaults below",
@@ -86,10 +92,14 @@ HELP = {
     "dataset": "mnist | fashion-mnist | digits | fake | cifar10 | imagenet",
     "data_dir": "where the data set is, or is downloaded to",
     "val_size": "validation samples cut from the training set (seeded)",
-    "lambda": "NSR weight, one value per NSR layer (or one for all)",
-    "nsr_layers": "module names to regularize, from model.named_modules()",
+    "lambda": "regularizer weight (NSR or center loss), one value per layer (or one for all)",
+    "nsr_layers": "module names to regularize (NSR or center loss), from model.named_modules()",
+    "regularizer": "nsr | center (center loss, Wen et al. 2016) | none",
+    "center_alpha": "center loss: rate in [0, 1] at which the class centres move",
+    "label_smoothing": "epsilon in [0, 1) of the training cross-entropy",
+    "dropout": "dropout rate in [0, 1) after each hidden activation (MLPs only)",
     "queue_batches": "K: recent batches that estimate the class means",
-    "nsr": "use NSR (--no-nsr trains the vanilla model)",
+    "nsr": "use the regularizer (--no-nsr: the same as --regularizer none)",
     "max_steps": "stop after N optimizer steps (smoke tests)",
     "resume": "continue from OUT/last.pt",
     "overwrite": "replace a finished run in OUT",
@@ -266,7 +276,8 @@ def validate(cfg: Config) -> None:
     for key, choices in CHOICES.items():
         if getattr(cfg, key) not in choices:
             raise UserError(f"{key} must be one of {', '.join(choices)}, got {getattr(cfg, key)!r}")
-    if cfg.nsr:
+    _check_baselines(cfg)
+    if cfg.regularizer != "none":
         if not cfg.nsr_layers:
             raise UserError("nsr is on but nsr_layers is empty; name a layer (e.g. --nsr-layers out) "
                             "or train vanilla with --no-nsr")
@@ -281,6 +292,28 @@ def validate(cfg: Config) -> None:
         if len(cfg.lambda_) != len(cfg.nsr_layers):
             raise UserError(f"got {len(cfg.lambda_)} lambda values for {len(cfg.nsr_layers)} NSR layers "
                             f"({', '.join(cfg.nsr_layers)}); give one value per layer or a single value")
+
+
+def _check_baselines(cfg: Config) -> None:
+    """The regularizer and the other baselines (issue 14). `nsr: false` means no regularizer."""
+    if not cfg.nsr:
+        if cfg.regularizer == "center":
+            raise UserError("nsr is false (--no-nsr, or fdnn_vanilla.py) but regularizer is center; "
+                            "drop nsr: false / --no-nsr, or set regularizer none")
+        cfg.regularizer = "none"
+    cfg.nsr = cfg.regularizer != "none"
+    if cfg.regularizer == "center" and (cfg.active_only or cfg.per_channel):
+        raise UserError("active_only and per_channel are NSR options; center loss takes neither: "
+                        "drop them or use --regularizer nsr")
+    if not (math.isfinite(cfg.center_alpha) and 0 <= cfg.center_alpha <= 1):
+        raise UserError(f"center_alpha must lie in [0, 1], got {cfg.center_alpha}")
+    for key in ("label_smoothing", "dropout"):
+        value = getattr(cfg, key)
+        if not (math.isfinite(value) and 0 <= value < 1):
+            raise UserError(f"{key} must lie in [0, 1) (0: off), got {value}")
+    from models import is_mlp
+    if cfg.dropout and not is_mlp(cfg.model):
+        raise UserError(f"dropout is for the MLPs only; model {cfg.model} has none: set dropout to 0")
 
 
 def _check_machine_counts(cfg: Config) -> None:

@@ -21,7 +21,11 @@ def epoch_line(row: dict, epochs: int) -> str:
 
 
 def print_summary(m: dict, out: str) -> None:
-    kind = f"NSR {dict(zip(m['nsr_layers'], m['lambda']))}" if m["nsr"] else "vanilla"
+    method = m.get("regularizer", "nsr" if m["nsr"] else "none")
+    names = {"nsr": "NSR", "center": f"center loss (alpha {m.get('center_alpha')})"}
+    kind = f"{names[method]} {dict(zip(m['nsr_layers'], m['lambda']))}" if method in names else "vanilla"
+    extras = [f"{k.replace('_', ' ')} {m[k]}" for k in ("label_smoothing", "dropout") if m.get(k)]
+    kind = ", ".join([kind, *extras])
     result = (f"test error {m['test_error']:.2f}% (best val {m['best_val_acc']:.2f}% at epoch "
               f"{m['best_epoch']})" if m["best_epoch"] >= 1 else "no epoch finished")
     partial = m.get("partial_epoch")

@@ -100,7 +100,8 @@ class Trainer:
             xb = xb.contiguous(memory_format=torch.channels_last)
         with self.autocast():
             logits = self.net(xb)
-            ce = F.cross_entropy(logits, yb)
+            ce = (F.cross_entropy(logits, yb, label_smoothing=self.cfg.label_smoothing)
+                  if self.cfg.label_smoothing else F.cross_entropy(logits, yb))
             nsr = self.reg(yb) if self.reg is not None else None
             loss = ce + nsr if nsr is not None else ce
         self.optimizer.zero_grad(set_to_none=True)
@@ -256,8 +257,11 @@ def run_metrics(trainer: Trainer, finished: bool, partial: dict | None = None) -
     test_acc = p.test_acc if p.test_acc is not None else float("nan")
     test_top5 = p.test_top5_acc if p.test_top5_acc is not None else float("nan")
     return {"model": cfg.model, "dataset": cfg.dataset, "seed": cfg.seed,
-            "nsr": cfg.nsr, "nsr_layers": cfg.nsr_layers if cfg.nsr else [],
-            "lambda": cfg.lambda_ if cfg.nsr else [], "queue_batches": cfg.queue_batches,
+            "nsr": cfg.regularizer == "nsr", "regularizer": cfg.regularizer,
+            "nsr_layers": cfg.nsr_layers if cfg.nsr else [], "lambda": cfg.lambda_ if cfg.nsr else [],
+            "queue_batches": cfg.queue_batches,
+            "center_alpha": cfg.center_alpha if cfg.regularizer == "center" else None,
+            "label_smoothing": cfg.label_smoothing, "dropout": cfg.dropout,
             "epochs": len(p.history), "num_params": sum(t.numel() for t in trainer.model.parameters()),
             "best_epoch": p.best_epoch, "best_val_acc": p.best_val_acc, "test_acc": test_acc,
             "test_error": 100.0 - test_acc, "test_top5_acc": test_top5,
@@ -273,7 +277,7 @@ def train(cfg: Config) -> dict:
     """Run one training job as configured; returns the final metrics."""
     rt = setup_runtime(cfg)
     nni_trial.apply_trial_parameters(cfg)
-    cfg.out = cfg.out or default_out(cfg.model, cfg.dataset, cfg.nsr, cfg.seed)
+    cfg.out = cfg.out or default_out(cfg.model, cfg.dataset, cfg.regularizer, cfg.seed)
     folder = OutputFolder(cfg.out, writer=rt.main)
     resume_from = folder.prepare(cfg.resume, cfg.overwrite)
     # Before any data loads: a damaged checkpoint or a changed setting fails in seconds.

@@ -35,8 +35,9 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def default_out(model: str, dataset: str, nsr: bool, seed: int) -> str:
-    return os.path.join("runs", f"{model}-{dataset}-{'nsr' if nsr else 'vanilla'}-s{seed}")
+def default_out(model: str, dataset: str, regularizer: str, seed: int) -> str:
+    method = "vanilla" if regularizer == "none" else regularizer
+    return os.path.join("runs", f"{model}-{dataset}-{method}-s{seed}")
 
 
 class OutputFolder:
