@@ -17,48 +17,20 @@ with n_j the number of samples of class j in the batch; classes absent from the 
 Under torch.distributed the per-class sums and counts are all-reduced first (one call for all
 layers), so every rank applies the global batch's update and keeps identical centres.
 
-This file imports torch only.
+This file and layer_outputs.py import torch only.
 """
 
 from __future__ import annotations
 
-import difflib
 from typing import Iterable, Mapping
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["CenterLoss", "resolve_layers"]
+from .layer_outputs import LayerOutputs, check_label_range, check_label_tensor, distributed
 
-_LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
-# Prefixes that wrappers add to named_modules(): DistributedDataParallel, torch.compile.
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-def _unwrapped(name: str) -> str:
-    while name.startswith(_WRAPPER_PREFIXES):
-        name = name.split(".", 1)[1]
-    return name
-
-
-def resolve_layers(model: nn.Module, names: Iterable[str]) -> list[tuple[str, nn.Module]]:
-    """(name, module) for each name of model.named_modules(); wrapper prefixes are optional."""
-    modules = dict(model.named_modules())
-    plain: dict[str, nn.Module] = {}
-    for full, module in modules.items():
-        short = _unwrapped(full + ".")[:-1]  # "" for the root and for the wrappers themselves
-        if short:
-            plain.setdefault(short, module)
-    resolved = []
-    for name in names:
-        module = (modules.get(name) if name else None) or plain.get(_unwrapped(name))
-        if module is None:
-            close = difflib.get_close_matches(name, list(plain), n=5, cutoff=0.4) or list(plain)[:8]
-            raise ValueError(f"layer {name!r} is not a module of the model; closest valid names: "
-                             f"{', '.join(close)}")
-        resolved.append((name, module))
-    return resolved
+__all__ = ["CenterLoss"]
 
 
 class CenterLoss(nn.Module):
@@ -96,11 +68,9 @@ class CenterLoss(nn.Module):
         for i in range(len(self.names)):
             self.register_buffer(f"centers_{i}", None)  # C x D, made when D is known
         self.register_load_state_dict_pre_hook(_allocate_for_load)
-        self._captured: dict[str, torch.Tensor] = {}
+        self.outputs = LayerOutputs(model, self.names, "center-loss")
         self._last: dict[str, torch.Tensor] = {}
         self._labels_checked = False
-        self._handles = [module.register_forward_hook(self._make_hook(name))
-                         for name, module in resolve_layers(model, self.names)]
 
     @property
     def lambdas(self) -> dict[str, float]:
@@ -129,25 +99,9 @@ class CenterLoss(nn.Module):
             raise ValueError(f"{name!r} is not a center-loss layer; the layers are {self.names}")
         self.lambdas = {**self._lambdas, name: value}
 
-    def _make_hook(self, name: str):
-        captured = self._captured  # not self: the model's hooks should not keep the regularizer alive
-
-        def hook(module, inputs, output):
-            if not module.training:
-                return
-            if isinstance(output, (tuple, list)):
-                output = output[0]
-            if not isinstance(output, torch.Tensor):
-                raise ValueError(f"center-loss layer {name!r} returned {type(output).__name__}, not a tensor")
-            captured[name] = output
-        return hook
-
     def remove(self) -> None:
         """Detach the hooks from the model and drop anything captured."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._captured.clear()
+        self.outputs.remove()
 
     @property
     def last(self) -> dict[str, torch.Tensor]:
@@ -163,12 +117,13 @@ class CenterLoss(nn.Module):
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         """The weighted center loss of the last forward pass (float32 at least); then the update."""
-        missing = [name for name in self.names if name not in self._captured]
-        if missing:
-            raise ValueError(f"center loss found no captured output for layer(s) {missing}: call the "
-                             "model in training mode (model.train()) before each reg(y), once per step")
-        zs = [_responses(self._captured.pop(name)) for name in self.names]
-        y = self._checked_labels(y, zs)
+        zs = self.outputs.take()
+        check_label_tensor(y, zs, "center-loss")
+        every_call = self.check_labels is True or (self.check_labels == "auto" and y.device.type == "cpu")
+        if every_call or (self.check_labels == "auto" and not self._labels_checked):
+            check_label_range(y, self.num_classes, "center-loss")  # on an accelerator: a host sync
+            self._labels_checked = True
+        y = y.to(device=zs[0].device, dtype=torch.long)
         centers = [self._centers_for(i, z) for i, z in enumerate(zs)]
         total = None
         for name, z, c in zip(self.names, zs, centers):
@@ -179,26 +134,6 @@ class CenterLoss(nn.Module):
             total = weighted if total is None else total + weighted
         self._update(zs, centers, y)
         return total
-
-    def _checked_labels(self, y, zs: list[torch.Tensor]) -> torch.Tensor:
-        batch = zs[0].shape[0]
-        if any(z.shape[0] != batch for z in zs):
-            raise ValueError(f"center-loss layers saw different batch sizes {[z.shape[0] for z in zs]}")
-        if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != batch:
-            got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-            raise ValueError(f"center-loss labels must be a tensor of shape ({batch},) to match the "
-                             f"batch the layers saw, got {got}")
-        if y.dtype not in _LABEL_DTYPES:
-            raise ValueError(f"center-loss labels must be integer class indices, got {y.dtype}")
-        check = self.check_labels
-        if check is True or (check == "auto" and (y.device.type == "cpu" or not self._labels_checked)):
-            if y.numel():
-                lo, hi = (int(v) for v in torch.aminmax(y))
-                if lo < 0 or hi >= self.num_classes:
-                    raise ValueError(f"center-loss labels must lie in [0, {self.num_classes}), "
-                                     f"got values in [{lo}, {hi}]")
-            self._labels_checked = True
-        return y.to(device=zs[0].device, dtype=torch.long)
 
     def _centers_for(self, i: int, z: torch.Tensor) -> torch.Tensor:
         key = f"centers_{i}"
@@ -215,18 +150,13 @@ class CenterLoss(nn.Module):
         self.register_buffer(key, c)
         return c
 
-    def _sync_enabled(self) -> bool:
-        if self.sync is not None:
-            return self.sync
-        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
     @torch.no_grad()
     def _update(self, zs: list[torch.Tensor], centers: list[torch.Tensor], y: torch.Tensor) -> None:
         """c_j <- c_j - alpha * (n_j c_j - sum_{y_i=j} z_i) / (1 + n_j), from [sums | count] rows."""
         stats = [c.new_zeros(self.num_classes, c.shape[1] + 1).index_add_(
                      0, y, torch.cat([z.to(c.dtype), z.new_ones(z.shape[0], 1, dtype=c.dtype)], 1))
                  for z, c in zip(zs, centers)]
-        if self._sync_enabled():
+        if distributed() if self.sync is None else self.sync:
             flat = torch.cat([st.reshape(-1) for st in stats])
             dist.all_reduce(flat)
             stats = [piece.view_as(st) for piece, st in zip(flat.split([st.numel() for st in stats]), stats)]
@@ -236,14 +166,6 @@ class CenterLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"layers={self._lambdas}, num_classes={self.num_classes}, alpha={self.alpha}"
-
-
-def _responses(output: torch.Tensor) -> torch.Tensor:
-    """B x D, in float32 at least (also under bf16/fp16 autocast)."""
-    if output.dim() < 2:
-        raise ValueError(f"center loss needs layer outputs of shape (batch, ...), got {tuple(output.shape)}")
-    z = output.flatten(1)
-    return z if z.dtype in (torch.float32, torch.float64) else z.float()
 
 
 def _allocate_for_load(module, state_dict, prefix, local_metadata, strict, missing_keys,

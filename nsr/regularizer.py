@@ -10,12 +10,11 @@ and the regularizer returns sum_l lambda_l * loss_l, to be added to the task los
 With active_only, class means and the loss use only entries z_ij > 0 (the loss is then the mean
 over the current batch's active entries, 0 when there is none).
 
-This file imports torch only: copy the `nsr/` package (or this file) into any project.
+This file and layer_outputs.py import torch only: copy the two (or the `nsr/` package) into any project.
 """
 
 from __future__ import annotations
 
-import difflib
 import math
 from typing import Iterable, Mapping
 
@@ -24,9 +23,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["NeuronSteadiness", "ClassMeanMemory", "steadiness_loss"]
+from .layer_outputs import LayerOutputs, check_label_range, check_label_tensor, distributed
 
-_LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+__all__ = ["NeuronSteadiness", "ClassMeanMemory", "steadiness_loss"]
 
 
 def steadiness_loss(z: torch.Tensor, y: torch.Tensor, class_means: torch.Tensor,
@@ -55,9 +54,9 @@ class ClassMeanMemory(nn.Module):
         ptr    ()              the free slot, where the next batch goes (as MoCo's queue_ptr)
 
     A step writes the batch into the free slot, adds it to `total` and subtracts the oldest slot,
-    which becomes the free one: O(C*W) whatever K is. At each wrap of the pointer to 0, `total` is
-    re-summed, so rounding never outlives K + 1 steps. The buffers are made at the first step (D is
-    not known before) or by a load_state_dict.
+    which becomes the free one: O(C*W) whatever K is; `total` is re-summed at each wrap of `ptr` to
+    0, so rounding never outlives K + 1 steps. The buffers are made at the first step (D is not
+    known before) or by NeuronSteadiness.load_state_dict.
     """
 
     def __init__(self, num_classes: int, queue_batches: int, active_only: bool):
@@ -76,15 +75,13 @@ class ClassMeanMemory(nn.Module):
         self.ptr = torch.zeros((), dtype=torch.long, device=device)
         self._free = 0
 
-    @property
-    def dim(self) -> int:
-        """D, the number of neurons (0 before the first step)."""
-        width = 0 if self.total is None else self.total.shape[1]
-        return width // 2 if self.active_only else max(width - 1, 0)
+    def dim(self, width: int) -> int:
+        """D, the number of neurons, of rows `width` wide."""
+        return width // 2 if self.active_only else width - 1
 
     def means(self) -> torch.Tensor:
         """C x D class means (0 where nothing was counted)."""
-        sums, counts = self.total.tensor_split([self.dim], dim=1)
+        sums, counts = self.total.tensor_split([self.dim(self.total.shape[1])], dim=1)
         return sums / counts.clamp_min(1)
 
     def rows(self, z: torch.Tensor) -> torch.Tensor:
@@ -99,9 +96,9 @@ class ClassMeanMemory(nn.Module):
         if self.ring is None:
             self.allocate(rows.shape[1], rows.dtype, rows.device)
         elif self.ring.shape[2] != rows.shape[1]:
-            new = rows.shape[1] // 2 if self.active_only else rows.shape[1] - 1
-            raise ValueError(f"layer output changed width from {self.dim} to {new} neurons; NSR memory needs "
-                             "a fixed response size (use per_channel=True for varying spatial size)")
+            raise ValueError(f"layer output changed width from {self.dim(self.ring.shape[2])} to "
+                             f"{self.dim(rows.shape[1])} neurons; NSR memory needs a fixed response size "
+                             "(use per_channel=True for varying spatial size)")
         elif self.ring.device != rows.device or self.ring.dtype != rows.dtype:
             self.to(device=rows.device, dtype=rows.dtype)  # e.g. loaded on the CPU, used on a GPU
         if self._free is None:
@@ -121,40 +118,9 @@ class ClassMeanMemory(nn.Module):
         self.ptr.fill_(oldest)
         self._free = oldest
 
-    def prepare_load(self, saved_ring: torch.Tensor) -> None:
-        """Give the buffers the shape of a saved `ring`, so that load_state_dict can fill them."""
-        slots, C, width = saved_ring.shape
-        if (slots, C) != (self.queue_batches + 1, self.num_classes):
-            raise RuntimeError(f"NSR memory was saved with queue_batches={slots - 1}, num_classes={C}; this "
-                               f"one has queue_batches={self.queue_batches}, num_classes={self.num_classes}")
-        self.allocate(width, saved_ring.dtype, saved_ring.device if self.ring is None else self.ring.device)
-
 
 def _reread_ptr(memory: ClassMeanMemory, incompatible_keys) -> None:
     memory._free = None  # load_state_dict post-hook: the next step takes the free slot from `ptr`
-
-
-def _find_layers(model: nn.Module, names: Iterable[str]) -> list[nn.Module]:
-    """The module of each name, with or without the prefixes of DistributedDataParallel ("module.")
-    and torch.compile ("_orig_mod.")."""
-    def unwrapped(name: str) -> str:
-        while name.startswith(("module.", "_orig_mod.")):
-            name = name.split(".", 1)[1]
-        return name
-    modules = dict(model.named_modules())
-    bare = {}  # by name without prefixes; neither the root nor a wrapper itself
-    for full, module in modules.items():
-        if full and unwrapped(full + "."):
-            bare.setdefault(unwrapped(full), module)
-    found = []
-    for name in names:
-        module = modules.get(name) if name else None
-        found.append(bare.get(unwrapped(name)) if module is None else module)
-        if found[-1] is None:
-            close = difflib.get_close_matches(name, list(bare), n=5, cutoff=0.4) or list(bare)[:8]
-            raise ValueError(f"NSR layer {name!r} is not a module of the model; closest valid names: "
-                             f"{', '.join(close)}")
-    return found
 
 
 class NeuronSteadiness(nn.Module):
@@ -201,21 +167,9 @@ class NeuronSteadiness(nn.Module):
         self.per_channel, self.sync, self.check_labels = per_channel, sync, check_labels
         self.memories = nn.ModuleList(ClassMeanMemory(num_classes, queue_batches, active_only)
                                       for _ in self.names)
+        self.outputs = LayerOutputs(model, self.names, "NSR", per_channel)
         self._last: dict[str, tuple[torch.Tensor, int]] = {}  # (loss or sum of squares, divisor)
-        self._captured: dict[str, torch.Tensor] = {}  # the named layers' outputs of this forward pass
         self._labels_checked = False
-        # Handles in a plain list: the model must not become a submodule of the regularizer.
-        self._handles = [module.register_forward_hook(self._make_hook(name))
-                         for name, module in zip(self.names, _find_layers(model, self.names))]
-
-    def _make_hook(self, name: str):
-        def hook(module, inputs, output):
-            if module.training:
-                output = output[0] if isinstance(output, (tuple, list)) else output
-                if not isinstance(output, torch.Tensor):
-                    raise TypeError(f"NSR layer {name!r} returned {type(output).__name__}, not a tensor")
-                self._captured[name] = output
-        return hook
 
     @property
     def last(self) -> dict[str, torch.Tensor]:
@@ -224,73 +178,43 @@ class NeuronSteadiness(nn.Module):
 
     def remove(self) -> None:
         """Detach the hooks from the model and drop anything captured."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._captured.clear()
+        self.outputs.remove()
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         """The λ-weighted NSR term for the last forward pass, given its labels."""
-        if len(self._captured) != len(self.names):
-            missing = [name for name in self.names if name not in self._captured]
-            raise ValueError(f"NSR found no captured output for layer(s) {missing}: call the model "
-                             "in training mode (model.train()) before each reg(y), once per step")
-        zs = [self._responses(self._captured.pop(name)) for name in self.names]
-        self._check_labels(y, zs[0].shape[0])
-        y = y.to(device=zs[0].device, dtype=torch.long)  # no copy when it already is
+        zs = self.outputs.take()
+        check_label_tensor(y, zs, "NSR")
+        first_on_accelerator = y.device.type != "cpu" and not self._labels_checked
+        if self.check_labels is True or (self.check_labels == "auto" and first_on_accelerator):
+            check_label_range(y, self.num_classes, "NSR")  # on an accelerator: a host sync
+            self._labels_checked = True
+        if y.dtype != torch.long or y.device != zs[0].device:  # skipped, .to() is one op per step
+            y = y.to(device=zs[0].device, dtype=torch.long)
         rows = [memory.rows(z.detach()) for memory, z in zip(self.memories, zs)]
         try:
             slots = [memory.write(r, y) for memory, r in zip(self.memories, rows)]
         except (IndexError, RuntimeError):
-            self._raise_if_out_of_range(y.cpu())  # a label outside [0, C)? Only free slots changed.
+            check_label_range(y.cpu(), self.num_classes, "NSR")  # out of [0, C)? Only free slots changed.
             raise
-        if self._sync_enabled():  # every rank enters the global batch, in one all-reduce for all layers
+        if distributed() if self.sync is None else self.sync:  # all ranks enter the global batch:
+            # one all-reduce for all layers
             flat = torch.cat([slot.flatten() for slot in slots])
             dist.all_reduce(flat)
             for slot, piece in zip(slots, flat.split([slot.numel() for slot in slots])):
                 slot.copy_(piece.view_as(slot))
-        terms = []
+        total = None
         for name, memory, z, r, slot in zip(self.names, self.memories, zs, rows, slots):
             memory.advance(slot)
-            means = memory.means()  # 0 for a (class, neuron) with nothing counted in the window
             if self.active_only:
-                loss, n = steadiness_loss(z, y, means, r[:, z.shape[1]:]), 1
-            else:  # the sum times λ/n: mse_loss's mean form costs one more division per step
-                loss, n = F.mse_loss(z, means.index_select(0, y), reduction="sum"), max(z.numel(), 1)
+                loss, n = steadiness_loss(z, y, memory.means(), r[:, z.shape[1]:]), 1
+            else:  # every label of the batch was just counted, so no clamp of the counts is needed;
+                # and the sum times λ/n: mse_loss's mean form costs one more division per step.
+                sums, counts = memory.total.tensor_split([z.shape[1]], dim=1)
+                loss, n = F.mse_loss(z, (sums / counts).index_select(0, y), reduction="sum"), max(z.numel(), 1)
             self._last[name] = (loss.detach(), n)
-            terms.append(loss * (self.lambdas[name] / n))
-        return sum(terms[1:], terms[0])
-
-    def _responses(self, output: torch.Tensor) -> torch.Tensor:
-        """B x D, in float32 at least (also under bf16/fp16 autocast)."""
-        if output.dim() < 2:
-            raise ValueError(f"NSR needs layer outputs of shape (batch, ...), got {tuple(output.shape)}")
-        dtype = output.dtype if output.dtype in (torch.float32, torch.float64) else torch.float32
-        if output.dim() > 2:
-            output = output.flatten(2).mean(dim=2, dtype=dtype) if self.per_channel else output.flatten(1)
-        return output.to(dtype)
-
-    def _check_labels(self, y: torch.Tensor, batch: int) -> None:
-        if not isinstance(y, torch.Tensor):
-            raise ValueError(f"NSR labels must be a tensor, got {type(y).__name__}")
-        if y.dim() != 1 or y.shape[0] != batch:
-            raise ValueError(f"NSR labels must have shape ({batch},) to match the batch the layers saw, "
-                             f"got {tuple(y.shape)}")
-        if y.dtype not in _LABEL_DTYPES:
-            raise ValueError(f"NSR labels must be an integer tensor of class indices, got {y.dtype}")
-        first_on_accelerator = not self._labels_checked and y.device.type != "cpu"
-        if self.check_labels is True or (self.check_labels == "auto" and first_on_accelerator):
-            self._raise_if_out_of_range(y)  # reading values off an accelerator is a host sync
-            self._labels_checked = True
-
-    def _raise_if_out_of_range(self, y: torch.Tensor) -> None:
-        lo, hi = (int(v) for v in torch.aminmax(y)) if y.numel() else (0, 0)
-        if lo < 0 or hi >= self.num_classes:
-            raise ValueError(f"NSR labels must lie in [0, {self.num_classes}), got values in [{lo}, {hi}]")
-
-    def _sync_enabled(self) -> bool:
-        default = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        return default if self.sync is None else self.sync
+            weighted = loss * (self.lambdas[name] / n)
+            total = weighted if total is None else total + weighted
+        return total
 
     def class_means(self, name: str | None = None) -> torch.Tensor:
         """Current class means (C x D) of a layer (the first one by default)."""
@@ -300,10 +224,17 @@ class NeuronSteadiness(nn.Module):
         return memory.means()
 
     def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], *args, **kwargs):
-        """nn.Module.load_state_dict, also into a regularizer that has not made a step yet."""
+        """nn.Module.load_state_dict, also into a regularizer that has not made a step yet: the
+        buffers first take the saved shapes."""
         for i, memory in enumerate(self.memories):
-            if f"memories.{i}.ring" in state_dict:
-                memory.prepare_load(state_dict[f"memories.{i}.ring"])
+            saved = state_dict.get(f"memories.{i}.ring")
+            if saved is None:
+                continue
+            if saved.shape[:2] != (self.queue_batches + 1, self.num_classes):
+                raise RuntimeError(f"NSR memory was saved with queue_batches={saved.shape[0] - 1}, num_classes="
+                                   f"{saved.shape[1]}; this one has queue_batches={self.queue_batches}, "
+                                   f"num_classes={self.num_classes}")
+            memory.allocate(saved.shape[2], saved.dtype, saved.device if memory.ring is None else memory.ring.device)
         return super().load_state_dict(state_dict, *args, **kwargs)
 
     def extra_repr(self) -> str:

@@ -197,7 +197,7 @@ def test_errors_are_one_clear_value_error():
                        (torch.full((BATCH,), -1), r"lie in \[0, 5\)"),
                        (y[:3], r"shape \(8,\) to match the batch"),
                        (y.view(2, 4), r"shape \(8,\)"),
-                       (y.double(), "integer class indices"),
+                       (y.double(), "integer tensor of class indices"),
                        ([0] * BATCH, "must be a tensor")]:
         model(x)
         one_line_value_error(lambda: reg(bad), match)

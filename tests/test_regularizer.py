@@ -331,27 +331,27 @@ def test_eval_mode_captures_nothing_and_remove_detaches_hooks():
     reg = NeuronSteadiness(model, {"out": 1.0, "fc1": 0.5}, num_classes=2)
     model.eval()
     model(torch.randn(3, 4))
-    assert reg._captured == {}
+    assert reg.outputs._captured == {}
     with pytest.raises(ValueError, match="no captured output"):
         reg(torch.tensor([0, 1, 0]))
     model.train()
     model(torch.randn(3, 4))
-    assert set(reg._captured) == {"out", "fc1"}
+    assert set(reg.outputs._captured) == {"out", "fc1"}
     reg.remove()
-    assert reg._captured == {}
+    assert reg.outputs._captured == {}
     assert not model.out._forward_hooks and not model.fc1._forward_hooks
     model(torch.randn(3, 4))
-    assert reg._captured == {}
+    assert reg.outputs._captured == {}
 
 
 def test_captured_output_is_freed_after_reg_consumes_it():
     model = MLP(4, [3], 2)
     reg = NeuronSteadiness(model, {"out": 1.0}, num_classes=2, queue_batches=2)
     logits = model(torch.randn(6, 4))
-    ref = weakref.ref(reg._captured["out"])
+    ref = weakref.ref(reg.outputs._captured["out"])
     assert ref() is logits
     loss = F.cross_entropy(logits, torch.tensor([0, 1, 0, 1, 1, 0])) + reg(torch.tensor([0, 1, 0, 1, 1, 0]))
-    assert reg._captured == {}
+    assert reg.outputs._captured == {}
     loss.backward()
     del logits, loss
     gc.collect()
@@ -381,7 +381,7 @@ def test_memory_flat_over_1000_steps():
     before = _live_tensors()
     for _ in range(1000):
         step()
-    assert reg._captured == {}
+    assert reg.outputs._captured == {}
     assert _live_tensors() == before
     assert reg.memories[0].ring.shape == (5, 3, 4)  # K + 1 slots; 3 neurons + 1 count column
 
@@ -580,7 +580,6 @@ def test_call_errors():
         model(torch.randn(4, 4))
         with pytest.raises(ValueError, match=match):
             reg(y)
-        reg._captured.clear()
 
     check(torch.tensor([0, 1, 2]), r"labels must have shape \(4,\).*got \(3,\)")
     check(torch.tensor([[0, 1, 2, 0]]), r"labels must have shape \(4,\)")

@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from nsr import NeuronSteadiness
+from nsr.layer_outputs import distributed
 
 C, K, STEPS, BATCH = 4, 2, 4, 12
 LAMS = {"out": 0.5, "hidden": 2.0}
@@ -82,7 +83,7 @@ def free_port():
 def test_two_gloo_ranks_match_one_process_on_the_whole_batch():
     model = make_model()
     reg = NeuronSteadiness(model, LAMS, num_classes=C, queue_batches=K)
-    assert not reg._sync_enabled()
+    assert reg.sync is None and not distributed()
     expected = run_steps(model, reg, make_batches(), slice(None))
 
     ctx = mp.get_context("spawn")
