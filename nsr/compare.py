@@ -281,6 +281,8 @@ def parse_args(argv=None):
     if args.sweep_seeds > args.seeds and "sweep" in args.stages:
         raise UserError(f"--sweep-seeds ({args.sweep_seeds}) must not exceed --seeds ({args.seeds}): the "
                         "sweep reuses the final NSR runs for its chosen point")
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        raise UserError(f"--data-dir {args.data_dir} is not a folder; give the folder of the data set's files")
     report.check_writable(args.out, "--out")
     args.models = list(dict.fromkeys(args.models))
     args.methods = [m for m in METHODS if m.name in args.methods]

@@ -125,6 +125,7 @@ def test_tuning_choice_table_and_sweep(tmp_path, fake_training, capsys):
     (["--seeds", "2"], "--sweep-seeds (3) must not exceed --seeds (2)"),
     (["--methods", "center"], "the sweep stage is NSR on MLP-4"),
     (["--jobs", "0"], "--jobs must be at least 1, got 0"),
+    (["--data-dir", "/nonexistent/fashion"], "--data-dir /nonexistent/fashion is not a folder"),
 ])
 def test_bad_arguments_are_one_line(tmp_path, argv, message):
     with pytest.raises(compare.UserError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
