@@ -64,7 +64,6 @@ METHODS = (
     Method("dropout", "Dropout (p)", ("--dropout",), (0.05, 0.1, 0.2, 0.3, 0.5), nsr=False),
 )
 VANILLA = Variant("vanilla", nsr=False)
-report.LABELS.update({m.name: m.label.split(" (")[0] for m in METHODS})
 
 
 def stage_runs(args, stage: str, model: str, variants, seeds: int, first_seed: int, epochs: int):

@@ -33,7 +33,8 @@ from .fileio import atomic_path, write_atomic, write_json
 
 BASELINE = "vanilla"
 # Row labels of the table; a variant not listed here is shown by its folder name.
-LABELS = {"vanilla": "Vanilla", "nsr": "Vanilla + NSR"}
+LABELS = {"vanilla": "Vanilla", "nsr": "Vanilla + NSR", "center": "Center loss",
+          "label_smoothing": "Label smoothing", "dropout": "Dropout"}
 DISPLAY_NAMES = {
     "resnet18_cifar10": "ResNet-18", "vgg19_cifar10": "VGG-19", "resnet50_imagenet": "ResNet-50",
 }

@@ -94,8 +94,9 @@ def test_tuning_choice_table_and_sweep(tmp_path, fake_training, capsys):
     nsr = [v + o for v, o in zip(VANILLA, NSR_OFFSET)]
     center = [v + o for v, o in zip(VANILLA, CENTER_OFFSET)]
     assert rows["Vanilla"][1] == "12.12±0.24"
-    assert rows["NSR"][0] == "1" and rows["NSR"][1] == f"{sum(nsr) / 5:.2f}±{scipy_stats.tstd(nsr):.2f}"
-    assert rows["NSR"][3] == f"{hand_paired_p(VANILLA, nsr):.3f}"
+    nsr_row = rows["Vanilla + NSR"]
+    assert nsr_row[0] == "1" and nsr_row[1] == f"{sum(nsr) / 5:.2f}±{scipy_stats.tstd(nsr):.2f}"
+    assert nsr_row[3] == f"{hand_paired_p(VANILLA, nsr):.3f}"
     assert rows["Center loss"][0] == "0.3"
     assert rows["Center loss"][4] == f"{hand_paired_p(nsr, center):.3f}"
     gain = 100 * (sum(VANILLA) - sum(center)) / sum(VANILLA)
