@@ -36,7 +36,7 @@ from .runner import run_all
 MODELS = ("mlp4", "mlp10")
 TUNE_SEED, TUNE_EPOCHS = 100, 30
 FINAL_SEEDS, SWEEP_SEEDS = 5, 3
-SWEEP_LAMBDAS = (0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30)
+SWEEP_LAMBDAS = (0.01, 0.1, 0.3, 1, 3, 10, 30)
 SWEEP_QUEUES = (1, 5, 20)
 DEFAULT_QUEUE = 5  # the configs' queue_batches
 

@@ -105,7 +105,7 @@ def test_tuning_choice_table_and_sweep(tmp_path, fake_training, capsys):
 
     sweep = json.loads((out / "sweep" / "sensitivity.json").read_text())
     points = {(p["axis"], p["lambda"], p["queue_batches"]): p for p in sweep["points"]}
-    assert len(points) == 8 + 3
+    assert len(points) == 7 + 3
     # λ=1 is the chosen one: its three seeds are the final NSR runs, not retrained
     assert not [c for c in fake_training if c.seed < 100 and c.epochs == 100 and c.regularizer == "nsr"
                 and c.lambda_ == [1.0] and c.queue_batches == 5 and c.out.find("sweep") >= 0]
