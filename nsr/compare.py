@@ -29,9 +29,9 @@ from pathlib import Path
 from . import report, reproduce, stats
 from .config import _Parser as ArgumentParser
 from .errors import RunInterrupted, UserError, run_cli
-from .fileio import atomic_path, write_atomic, write_json
+from .fileio import save_png, write_atomic, write_json
 from .reproduce import Variant
-from .runner import run_all
+from .runner import print_failures, run_all
 
 MODELS = ("mlp4", "mlp10")
 TUNE_SEED, TUNE_EPOCHS = 100, 30
@@ -246,9 +246,7 @@ def plot_sensitivity(path: Path, data: dict) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 # ------------------------------------------------------------------------------ command line
@@ -305,12 +303,7 @@ def main(argv=None) -> int:
     text = "## Tuning (the same grid size, seed and epochs for every method)\n\n" + tuning + "\n" + "\n".join(parts)
     write_atomic(args.out / "report.md", text)
     print("\n" + "\n".join(parts) + f"\nwrote {args.out / 'report.md'}")
-    if failures:
-        print(f"\n{len(failures)} runs failed:", file=sys.stderr)
-        for msg in failures:
-            print(msg, file=sys.stderr)
-        return 1
-    return 0
+    return print_failures(failures)
 
 
 if __name__ == "__main__":

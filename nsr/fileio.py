@@ -75,3 +75,11 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
                     os.remove(os.path.join(folder, name))
                     removed.append(name)
     return removed
+
+
+def save_png(fig, path) -> None:
+    """A matplotlib figure as a PNG, written atomically; the figure is closed."""
+    import matplotlib.pyplot as plt
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)

@@ -29,7 +29,7 @@ import numpy as np
 from . import stats
 from .config import _Parser as ArgumentParser
 from .errors import UserError, one_line, run_cli
-from .fileio import atomic_path, write_atomic, write_json
+from .fileio import save_png, write_atomic, write_json
 
 BASELINE = "vanilla"
 # Row labels of the table; a variant not listed here is shown by its folder name.
@@ -243,9 +243,7 @@ def write_curves(out: Path, results: dict, key: str = "val_acc") -> Path | None:
     fig.suptitle("Validation accuracy: mean ± std over seeds")
     fig.tight_layout()
     path = Path(out) / "curves.png"
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    save_png(fig, path)
     return path
 
 
@@ -367,9 +365,7 @@ def plot_histogram(path: Path, layer: str, series: list[tuple[str, np.ndarray]])
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    save_png(fig, path)
     return path
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from . import report
 from .config import _Parser as ArgumentParser
 from .errors import RunInterrupted, UserError, one_line, run_cli
-from .runner import run_all
+from .runner import print_failures, run_all
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -298,12 +298,7 @@ def main(argv=None, variants=VARIANTS) -> int:
     print()
     report.print_report(args.out, report.write_report(args.out, args.models,
                                                       [v.name for v in variants], seeds))
-    if failures:
-        print(f"\n{len(failures)} of {len(runs)} runs failed (details above):", file=sys.stderr)
-        for msg in failures:
-            print(msg, file=sys.stderr)
-        return 1
-    return 0
+    return print_failures(failures, len(runs))
 
 
 if __name__ == "__main__":

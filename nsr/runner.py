@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -121,3 +122,14 @@ def run_all(runs: list[Run], log_dir: Path, jobs: int, fail_fast: bool = False) 
     finally:
         # On Ctrl-C queued runs never start; runs in flight stop on their own Ctrl-C and are waited for.
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def print_failures(failures: list[str], total: int | None = None) -> int:
+    """List the failed runs on stderr; the exit status: 1 if any failed, else 0."""
+    if not failures:
+        return 0
+    of = f" of {total}" if total is not None else ""
+    print(f"\n{len(failures)}{of} runs failed (details above):", file=sys.stderr)
+    for msg in failures:
+        print(msg, file=sys.stderr)
+    return 1
