@@ -60,36 +60,28 @@ def run_dir(out: Path, model: str, variant: str, seed: int) -> Path:
 
 def read_metrics(folder: Path) -> dict | None:
     """A run folder's metrics.json; None when it has none. Unreadable or damaged: UserError."""
-    path = Path(folder) / "metrics.json"
-    if not path.exists():
-        return None
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path} ({one_line(e)}); restore it, or move that run folder "
-                        "away and train the run again") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} holds a JSON {type(data).__name__}, not the object a run writes; "
-                        "move that run folder away and train the run again")
-    return data
+    return _read_run_file(Path(folder) / "metrics.json", json.load, ValueError)
 
 
 def read_settings(folder: Path) -> dict | None:
     """The config.yaml a run saved when it started; None when it has none. Damaged: UserError."""
-    path = Path(folder) / "config.yaml"
+    import yaml
+    return _read_run_file(Path(folder) / "config.yaml", yaml.safe_load, yaml.YAMLError)
+
+
+def _read_run_file(path: Path, parse, parse_error: type[Exception]) -> dict | None:
     if not path.exists():
         return None
-    import yaml
+    again = "move that run folder away and train the run again"
     try:
         with open(path) as f:
-            data = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError) as e:
-        raise UserError(f"cannot read {path} ({one_line(e)}); restore it, or move that run folder "
-                        "away and train the run again") from None
+            data = parse(f)
+    except (OSError, parse_error) as e:
+        raise UserError(f"cannot read {path} ({one_line(e)}); restore it, or {again}") from None
     if not isinstance(data, dict):
-        raise UserError(f"{path} is not a mapping of settings; move that run folder away and "
-                        "train the run again")
+        what = f"holds a JSON {type(data).__name__}, not the object a run writes" if path.suffix == ".json" \
+            else "is not a mapping of settings"
+        raise UserError(f"{path} {what}; {again}")
     return data
 
 
