@@ -13,6 +13,7 @@ from torch import nn
 
 from .center_loss import CenterLoss
 from .config import Config
+from .data import channels_last
 from .errors import UserError, one_line
 from .regularizer import NeuronSteadiness
 
@@ -92,6 +93,21 @@ def build_checked_model(cfg: Config, num_classes: int, in_shape: tuple) -> nn.Mo
     return model.train()
 
 
+def place_model(cfg: Config, model: nn.Module, rt: Runtime) -> tuple[nn.Module, nn.Module, bool]:
+    """(model, net, channels_last): the model on rt.device, in NHWC where that is faster; `net` is
+    what the loop calls, the model itself or, under torchrun, its DistributedDataParallel wrapper."""
+    model, nhwc = model.to(rt.device), channels_last(cfg, rt.device)
+    if rt.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest kernels once
+    if nhwc:
+        model = model.to(memory_format=torch.channels_last)
+    net = model
+    if rt.world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda"
+                                                  else None)
+    return model, net, nhwc
+
+
 def build_optimizer(cfg: Config, model: nn.Module):
     params = model.parameters()
     if cfg.optimizer == "sgd":
@@ -110,18 +126,21 @@ def build_optimizer(cfg: Config, model: nn.Module):
     return opt, sched
 
 
-def build_regularizer(cfg: Config, model: nn.Module, num_classes: int) -> NeuronSteadiness | CenterLoss | None:
+def build_regularizer(cfg: Config, model: nn.Module, num_classes: int,
+                      device: torch.device) -> NeuronSteadiness | CenterLoss | None:
     """NSR, center loss (same layers and lambdas) or None; both are called as reg(y) after the forward."""
     if cfg.regularizer == "none":
         return None  # vanilla: no hooks, no cost
     layers = dict(zip(cfg.nsr_layers, cfg.lambda_))
     try:
         if cfg.regularizer == "center":
-            return CenterLoss(model, layers, num_classes=num_classes, alpha=cfg.center_alpha)
-        return NeuronSteadiness(model, layers, num_classes=num_classes, queue_batches=cfg.queue_batches,
-                                active_only=cfg.active_only, per_channel=cfg.per_channel)
+            reg = CenterLoss(model, layers, num_classes=num_classes, alpha=cfg.center_alpha)
+        else:
+            reg = NeuronSteadiness(model, layers, num_classes=num_classes, queue_batches=cfg.queue_batches,
+                                   active_only=cfg.active_only, per_channel=cfg.per_channel)
     except ValueError as e:
         raise UserError(f"{e}; set nsr_layers in the config or --nsr-layers") from None
+    return reg.to(device)
 
 
 def amp_dtype(cfg: Config, device: torch.device):

@@ -17,15 +17,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
-from torch import nn
 
 from . import nni_trial
 from .build import (Runtime, amp_dtype, build_checked_model, build_optimizer, build_regularizer,
-                    enough_memory, set_cpu_threads, setup_runtime)
+                    enough_memory, place_model, set_cpu_threads, setup_runtime)
 from .checkpoint import load_resumable, restore_training_state, save_checkpoint, training_state
 from .config import Config, parse_args, to_dict
 from .console import epoch_line, print_summary, progress
-from .data import channels_last, load_data
+from .data import load_data
 from .errors import RunInterrupted, UserError, run_cli
 from .fileio import read_json
 from .meters import EpochMeter, Position
@@ -64,20 +63,10 @@ class Trainer:
         set_cpu_threads(cfg, rt.device)
         torch.manual_seed(cfg.seed)
         self.data = load_data(cfg, rt.device, rt.rank, rt.world)
-        model = build_checked_model(cfg, self.data.num_classes, self.data.in_shape).to(rt.device)
-        self.channels_last = channels_last(cfg, rt.device)
-        if rt.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest kernels once
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.model = self.net = model
-        if rt.world > 1:
-            self.net = nn.parallel.DistributedDataParallel(
-                model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-        self.reg = build_regularizer(cfg, self.net, self.data.num_classes)
-        if self.reg is not None:
-            self.reg.to(rt.device)
-        self.optimizer, self.scheduler = build_optimizer(cfg, model)
+        model = build_checked_model(cfg, self.data.num_classes, self.data.in_shape)
+        self.model, self.net, self.channels_last = place_model(cfg, model, rt)
+        self.reg = build_regularizer(cfg, self.net, self.data.num_classes, rt.device)
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
         self.amp_dtype = amp_dtype(cfg, rt.device)
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=self.amp_dtype == torch.float16)
         self.pos, self.meter = Position(), EpochMeter(rt.device)

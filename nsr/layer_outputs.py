@@ -66,12 +66,12 @@ class LayerOutputs:
         return hook
 
     def take(self) -> list[torch.Tensor]:
-        outputs = [self._captured.pop(name, None) for name in self.names]
-        missing = [name for name, out in zip(self.names, outputs) if out is None]
-        if missing:
+        if len(self._captured) < len(self.names):  # it holds only these names
+            missing = [name for name in self.names if name not in self._captured]
+            self._captured.clear()
             raise ValueError(f"{self.what} found no captured output for layer(s) {missing}: call the model "
                              "in training mode (model.train()) before each reg(y), once per step")
-        return [self._responses(out) for out in outputs]
+        return [self._responses(self._captured.pop(name)) for name in self.names]
 
     def _responses(self, output: torch.Tensor) -> torch.Tensor:
         if output.dim() < 2:

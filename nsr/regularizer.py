@@ -53,10 +53,11 @@ class ClassMeanMemory(nn.Module):
         total  C x W           the sum of the K newest slots
         ptr    ()              the free slot, where the next batch goes (as MoCo's queue_ptr)
 
-    A step writes the batch into the free slot, adds it to `total` and subtracts the oldest slot,
-    which becomes the free one: O(C*W) whatever K is; `total` is re-summed at each wrap of `ptr` to
-    0, so rounding never outlives K + 1 steps. The buffers are made at the first step (D is not
-    known before) or by NeuronSteadiness.load_state_dict.
+    A step writes the batch into the free slot, then advance() adds it to `total` and subtracts the
+    oldest slot, which becomes the free one: O(C*W) whatever K is; `total` is re-summed at each wrap
+    of `ptr` to 0, so rounding never outlives K + 1 steps. The caller passes the free slot as a host
+    int, so a step never reads `ptr` back (a host sync on a GPU). The buffers are made at the first
+    step (D is not known before) or by load_state_dict.
     """
 
     def __init__(self, num_classes: int, queue_batches: int, active_only: bool):
@@ -64,16 +65,12 @@ class ClassMeanMemory(nn.Module):
         self.num_classes, self.queue_batches, self.active_only = num_classes, queue_batches, active_only
         for name in ("ring", "total", "ptr"):
             self.register_buffer(name, None)
-        # `ptr` also as a host int, so a step indexes the ring without reading the buffer back (a host
-        # sync on a GPU). None after a load_state_dict: the next step then reads it from `ptr`.
-        self._free: int | None = None
-        self.register_load_state_dict_post_hook(_reread_ptr)
+        self.register_load_state_dict_pre_hook(_allocate_for_load)
 
     def allocate(self, width: int, dtype: torch.dtype, device: torch.device | str) -> None:
         self.ring = torch.zeros(self.queue_batches + 1, self.num_classes, width, dtype=dtype, device=device)
         self.total = torch.zeros(self.num_classes, width, dtype=dtype, device=device)
         self.ptr = torch.zeros((), dtype=torch.long, device=device)
-        self._free = 0
 
     def dim(self, width: int) -> int:
         """D, the number of neurons, of rows `width` wide."""
@@ -90,37 +87,58 @@ class ClassMeanMemory(nn.Module):
             return torch.cat([z.relu(), (z > 0).to(z.dtype)], dim=1)  # relu(z) == z * (z > 0)
         return F.pad(z, (0, 1), value=1.0)  # a column of ones
 
-    def write(self, rows: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Put the per-class sums of `rows` (labels y) in the free slot and return that slot.
+    def write(self, rows: torch.Tensor, y: torch.Tensor, free: int) -> torch.Tensor:
+        """Put the per-class sums of `rows` (labels y) in slot `free` and return that slot.
         Nothing else changes before advance(): a failed step (bad labels) leaves the K batches."""
+        ring = self.ring
+        if ring is None or ring.shape[2] != rows.shape[1] or ring.dtype != rows.dtype or ring.device != rows.device:
+            ring = self._fit(rows)
+        return ring[free].zero_().index_add_(0, y, rows)
+
+    def _fit(self, rows: torch.Tensor) -> torch.Tensor:
+        """The ring, made for `rows` at the first step, or moved to their device and dtype."""
         if self.ring is None:
             self.allocate(rows.shape[1], rows.dtype, rows.device)
         elif self.ring.shape[2] != rows.shape[1]:
             raise ValueError(f"layer output changed width from {self.dim(self.ring.shape[2])} to "
                              f"{self.dim(rows.shape[1])} neurons; NSR memory needs a fixed response size "
                              "(use per_channel=True for varying spatial size)")
-        elif self.ring.device != rows.device or self.ring.dtype != rows.dtype:
-            self.to(device=rows.device, dtype=rows.dtype)  # e.g. loaded on the CPU, used on a GPU
-        if self._free is None:
-            self._free = int(self.ptr)  # once after a load_state_dict
-        return self.ring[self._free].zero_().index_add_(0, y, rows)
-
-    def advance(self, newest: torch.Tensor) -> None:
-        """Make `newest` (the slot write() returned) the newest of the K, the oldest the free slot."""
-        oldest = (self._free + 1) % (self.queue_batches + 1)
-        if self.queue_batches == 1:  # the window is this batch alone
-            self.total.copy_(newest)
-        elif oldest == 0:  # once per lap, the exact sum (slot 0 is free): O(K*C*W) every K + 1 steps
-            self.ring[0].zero_()
-            torch.sum(self.ring, dim=0, out=self.total)
         else:
-            self.total.add_(newest).sub_(self.ring[oldest])
+            self.to(device=rows.device, dtype=rows.dtype)  # e.g. loaded on the CPU, used on a GPU
+        return self.ring
+
+    def advance(self, newest: torch.Tensor, free: int) -> torch.Tensor:
+        """Make `newest`, slot `free` as write() returned it, the newest of the K and the oldest
+        slot the free one; return `total`."""
+        ring, total, slots = self.ring, self.total, self.queue_batches + 1
+        oldest = (free + 1) % slots
+        if slots == 2:  # the window is this batch alone
+            total.copy_(newest)
+        elif oldest == 0:  # once per lap, the exact sum (slot 0 is free): O(K*C*W) every K + 1 steps
+            ring[0].zero_()
+            torch.sum(ring, dim=0, out=total)
+        else:
+            total.add_(newest).sub_(ring[oldest])
         self.ptr.fill_(oldest)
-        self._free = oldest
+        return total
 
 
-def _reread_ptr(memory: ClassMeanMemory, incompatible_keys) -> None:
-    memory._free = None  # load_state_dict post-hook: the next step takes the free slot from `ptr`
+def _allocate_for_load(memory: ClassMeanMemory, state_dict, prefix, local_metadata, strict, missing_keys,
+                       unexpected_keys, error_msgs) -> None:
+    """load_state_dict pre-hook: give the buffers the saved shapes, also before the first step."""
+    saved = state_dict.get(prefix + "ring")
+    if saved is None:
+        return
+    if saved.dim() != 3 or saved.shape[:2] != (memory.queue_batches + 1, memory.num_classes):
+        error_msgs.append(f"NSR memory {prefix + 'ring'!r} has shape {tuple(saved.shape)}, so it was saved with "
+                          f"another queue_batches or num_classes (shape: queue_batches + 1, num_classes, width); "
+                          f"this one has queue_batches={memory.queue_batches}, num_classes={memory.num_classes}")
+    elif memory.ring is None or memory.ring.shape != saved.shape:
+        memory.allocate(saved.shape[2], saved.dtype, saved.device if memory.ring is None else memory.ring.device)
+
+
+def _reread_ptr(reg: NeuronSteadiness, incompatible_keys) -> None:
+    reg._free = None  # load_state_dict post-hook: the next step takes the free slot from `ptr`
 
 
 class NeuronSteadiness(nn.Module):
@@ -137,7 +155,8 @@ class NeuronSteadiness(nn.Module):
     queue_batches: K, how many recent batches (the current one included) estimate the class means.
     active_only: class means and loss use only entries > 0 (the original code's ReLU layers).
     per_channel: average N x C x H x W outputs over H, W first, so each channel is one neuron.
-    sync: all-reduce batch statistics across ranks; default: when torch.distributed is initialised.
+    sync: all-reduce batch statistics across ranks; default (None): whether a torch.distributed group
+        of more than one rank is running at the first call.
     check_labels: range-check label values. "auto": every call on CPU (free: index_add_ checks them
         anyway), the first call only on accelerators (reading values is a host sync). True: every
         call, everywhere. False: never on accelerators. Shape and dtype are always checked.
@@ -170,6 +189,10 @@ class NeuronSteadiness(nn.Module):
         self.outputs = LayerOutputs(model, self.names, "NSR", per_channel)
         self._last: dict[str, tuple[torch.Tensor, int]] = {}  # (loss or sum of squares, divisor)
         self._labels_checked = False
+        # The memories' `ptr` (all layers step together) as a host int, so a step indexes the ring
+        # without reading the buffer back. None until the first step and after a load_state_dict.
+        self._free: int | None = None
+        self.register_load_state_dict_post_hook(_reread_ptr)
 
     @property
     def last(self) -> dict[str, torch.Tensor]:
@@ -184,36 +207,41 @@ class NeuronSteadiness(nn.Module):
         """The λ-weighted NSR term for the last forward pass, given its labels."""
         zs = self.outputs.take()
         check_label_tensor(y, zs, "NSR")
-        first_on_accelerator = y.device.type != "cpu" and not self._labels_checked
-        if self.check_labels is True or (self.check_labels == "auto" and first_on_accelerator):
+        if self.check_labels is True or (self.check_labels == "auto" and not self._labels_checked and not y.is_cpu):
             check_label_range(y, self.num_classes, "NSR")  # on an accelerator: a host sync
             self._labels_checked = True
         if y.dtype != torch.long or y.device != zs[0].device:  # skipped, .to() is one op per step
             y = y.to(device=zs[0].device, dtype=torch.long)
-        rows = [memory.rows(z.detach()) for memory, z in zip(self.memories, zs)]
+        if self._free is None:  # the first step, or the first after a load_state_dict: read `ptr` once
+            ptr = self.memories[0].ptr
+            self._free = 0 if ptr is None else int(ptr)
+        if self.sync is None:  # the default, decided at the first call
+            self.sync = distributed()
+        free, memories = self._free, list(self.memories)
+        rows = [memory.rows(z.detach()) for memory, z in zip(memories, zs)]
         try:
-            slots = [memory.write(r, y) for memory, r in zip(self.memories, rows)]
+            slots = [memory.write(r, y, free) for memory, r in zip(memories, rows)]
         except (IndexError, RuntimeError):
             check_label_range(y.cpu(), self.num_classes, "NSR")  # out of [0, C)? Only free slots changed.
             raise
-        if distributed() if self.sync is None else self.sync:  # all ranks enter the global batch:
-            # one all-reduce for all layers
+        if self.sync:  # all ranks enter the global batch: one all-reduce for all layers
             flat = torch.cat([slot.flatten() for slot in slots])
             dist.all_reduce(flat)
             for slot, piece in zip(slots, flat.split([slot.numel() for slot in slots])):
                 slot.copy_(piece.view_as(slot))
         total = None
-        for name, memory, z, r, slot in zip(self.names, self.memories, zs, rows, slots):
-            memory.advance(slot)
+        for name, memory, z, r, slot in zip(self.names, memories, zs, rows, slots):
+            sums = memory.advance(slot, free)
             if self.active_only:
                 loss, n = steadiness_loss(z, y, memory.means(), r[:, z.shape[1]:]), 1
             else:  # every label of the batch was just counted, so no clamp of the counts is needed;
                 # and the sum times λ/n: mse_loss's mean form costs one more division per step.
-                sums, counts = memory.total.tensor_split([z.shape[1]], dim=1)
+                sums, counts = sums.tensor_split([z.shape[1]], dim=1)
                 loss, n = F.mse_loss(z, (sums / counts).index_select(0, y), reduction="sum"), max(z.numel(), 1)
             self._last[name] = (loss.detach(), n)
             weighted = loss * (self.lambdas[name] / n)
             total = weighted if total is None else total + weighted
+        self._free = (free + 1) % (self.queue_batches + 1)
         return total
 
     def class_means(self, name: str | None = None) -> torch.Tensor:
@@ -222,20 +250,6 @@ class NeuronSteadiness(nn.Module):
         if memory.total is None:
             raise ValueError("NSR memory is empty: run at least one training step first")
         return memory.means()
-
-    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], *args, **kwargs):
-        """nn.Module.load_state_dict, also into a regularizer that has not made a step yet: the
-        buffers first take the saved shapes."""
-        for i, memory in enumerate(self.memories):
-            saved = state_dict.get(f"memories.{i}.ring")
-            if saved is None:
-                continue
-            if saved.shape[:2] != (self.queue_batches + 1, self.num_classes):
-                raise RuntimeError(f"NSR memory was saved with queue_batches={saved.shape[0] - 1}, num_classes="
-                                   f"{saved.shape[1]}; this one has queue_batches={self.queue_batches}, "
-                                   f"num_classes={self.num_classes}")
-            memory.allocate(saved.shape[2], saved.dtype, saved.device if memory.ring is None else memory.ring.device)
-        return super().load_state_dict(state_dict, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"layers={self.lambdas}, num_classes={self.num_classes}, queue_batches={self.queue_batches}, "

@@ -306,7 +306,7 @@ def test_state_dict_from_another_configuration_is_refused():
     model(torch.randn(4, 4))
     reg(torch.tensor([0, 1, 1, 0]))
     other = NeuronSteadiness(MLP(4, [3], 2), {"out": 1.0}, num_classes=2, queue_batches=5)
-    with pytest.raises(RuntimeError, match="queue_batches=3"):
+    with pytest.raises(RuntimeError, match=r"has shape \(4, 2, 3\).*queue_batches=5"):
         other.load_state_dict(reg.state_dict())
 
 
@@ -469,11 +469,12 @@ def test_ptr_buffer_is_true_after_every_step(K):
         reg(y)
         steps += 1
         assert [int(m.ptr) for m in reg.memories] == [steps % (K + 1)] * 2
-    # Loaded into a fresh regularizer, or into a stepped one through a parent module's
-    # load_state_dict, the pointer comes from the saved `ptr` and stepping continues from it.
+    # Loaded into a fresh regularizer (here through a parent module's load_state_dict, as a
+    # checkpoint of a whole training state would), or into a stepped one, the pointer comes from
+    # the saved `ptr` and stepping continues from it.
     model2 = copy.deepcopy(model)
     fresh = NeuronSteadiness(model2, {"out": 1.0, "fc1": 1.0}, num_classes=2, queue_batches=K)
-    fresh.load_state_dict(reg.state_dict())
+    nn.ModuleDict({"nsr": fresh}).load_state_dict({"nsr." + k: v for k, v in reg.state_dict().items()})
     model3 = copy.deepcopy(model)
     stepped = NeuronSteadiness(model3, {"out": 1.0, "fc1": 1.0}, num_classes=2, queue_batches=K)
     parent = nn.ModuleDict({"reg": stepped})
