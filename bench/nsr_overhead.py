@@ -10,7 +10,8 @@ torch.profiler over one step) each variant adds to the plain step.
 
 Variants
   plain     cross entropy only
-  nsr       cross entropy + NeuronSteadiness(model, {layer: lam}, C, queue_batches=K)(y)
+  nsr       cross entropy + NeuronSteadiness(model, {layer: lam}, C, queue_batches=K)(y); also on
+            three MLP-4 layers at once
   floor     cross entropy + lam * mean((z - mu[y])**2) with mu a fixed tensor: the bare loss
             expression, i.e. what NSR costs with no memory at all
   original  the original code's approach: a Python list of the last K detached batches,
@@ -69,8 +70,9 @@ def make_variant(kind, name, C, shape, layer, lam, K, seed=0):
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     if kind == "plain":
         extra = None
-    elif kind == "nsr":
-        reg = NeuronSteadiness(model, {layer: lam}, C, queue_batches=K)
+    elif kind == "nsr":  # `layer` may be a list: NSR on each, with the same lambda
+        reg = NeuronSteadiness(model, {name: lam for name in ([layer] if isinstance(layer, str) else layer)}, C,
+                               queue_batches=K)
         extra = lambda y: reg(y)  # noqa: E731
     elif kind == "floor":
         box = output_of(model, layer)
@@ -176,6 +178,10 @@ def main():
           f"the original approach: {verdict}); original approach {r['original']:.3f}x, "
           f"+{ops['original']} ops; "
           f"bare loss floor {r['floor']:.3f}x, +{ops['floor']} ops")
+
+    r, ops = bench("MLP-4, NSR on three layers", "mlp4", 10, (1, 28, 28), 100, ["fc1", "fc2", "out"], 1.0, 5,
+                   ["plain", "nsr"], args.rounds, args.steps, warmup=20)
+    print(f"  MLP-4 NSR on fc1, fc2, out: {r['nsr']:.3f}x, +{ops['nsr']} ops per step (one memory for the three)")
 
     if not args.skip_resnet:
         try:

@@ -11,6 +11,7 @@ position inside the epoch with the epoch's running sums.
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 
 import torch
@@ -321,6 +322,9 @@ def main(default_config: str | None = None, defaults: dict | None = None, descri
             train(cfg)
         finally:
             if dist.is_available() and dist.is_initialized():
+                # Free the trainer's DDP wrapper, which holds the group, first: a group still held
+                # is torn down at interpreter exit, where gloo's threads can abort the process.
+                gc.collect()
                 dist.destroy_process_group()
 
     run_cli(run)

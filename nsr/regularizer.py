@@ -44,68 +44,66 @@ def steadiness_loss(z: torch.Tensor, y: torch.Tensor, class_means: torch.Tensor,
 
 
 class ClassMeanMemory(nn.Module):
-    """Per-class response sums and counts of the last K batches, kept as registered buffers.
+    """Per-class response sums and counts of the last K batches, for all of NSR's layers at once,
+    kept as registered buffers.
 
-    A row of width W is [sums of the D neurons | counts]: rows [z | 1], or [relu(z) | z > 0] under
-    active_only (D count columns), so one index_add_ gathers a batch's sums and counts together.
+    A row holds one sample's responses of every layer side by side, then its counts:
+    [z_1 | ... | z_L | 1] (each sample counts once in every layer, so one count column serves all),
+    or under active_only [relu(z_1) | ... | relu(z_L) | z_1 > 0 | ... | z_L > 0]. So one index_add_
+    gathers a batch's sums and counts for all layers, and one all-reduce shares them.
 
-        ring   (K+1) x C x W   one slot per batch: the K of the window, plus the free slot
-        total  C x W           the sum of the K newest slots
-        ptr    ()              the free slot, where the next batch goes (as MoCo's queue_ptr)
+        ring    (K+1) x C x W   one slot per batch: the K of the window, plus the free slot
+        total   C x W           the sum of the K newest slots
+        ptr     ()              the free slot, where the next batch goes (as MoCo's queue_ptr)
+        widths  L               each layer's number of neurons D_l
 
     A step writes the batch into the free slot, then advance() adds it to `total` and subtracts the
     oldest slot, which becomes the free one: O(C*W) whatever K is; `total` is re-summed at each wrap
     of `ptr` to 0, so rounding never outlives K + 1 steps. The caller passes the free slot as a host
     int, so a step never reads `ptr` back (a host sync on a GPU). The buffers are made at the first
-    step (D is not known before) or by load_state_dict.
+    step (the widths are not known before) or by load_state_dict.
     """
 
     def __init__(self, num_classes: int, queue_batches: int, active_only: bool):
         super().__init__()
         self.num_classes, self.queue_batches, self.active_only = num_classes, queue_batches, active_only
-        for name in ("ring", "total", "ptr"):
+        for name in ("ring", "total", "ptr", "widths"):
             self.register_buffer(name, None)
         self.register_load_state_dict_pre_hook(_allocate_for_load)
 
-    def allocate(self, width: int, dtype: torch.dtype, device: torch.device | str) -> None:
+    def allocate(self, widths: list[int], dtype: torch.dtype, device: torch.device | str) -> None:
+        width = 2 * sum(widths) if self.active_only else sum(widths) + 1
         self.ring = torch.zeros(self.queue_batches + 1, self.num_classes, width, dtype=dtype, device=device)
         self.total = torch.zeros(self.num_classes, width, dtype=dtype, device=device)
         self.ptr = torch.zeros((), dtype=torch.long, device=device)
+        self.widths = torch.tensor(widths, dtype=torch.long, device=device)
 
-    def dim(self, width: int) -> int:
-        """D, the number of neurons, of rows `width` wide."""
+    def neurons(self, width: int) -> int:
+        """D_1 + ... + D_L, the number of sum columns of rows `width` wide."""
         return width // 2 if self.active_only else width - 1
 
-    def means(self) -> torch.Tensor:
-        """C x D class means (0 where nothing was counted)."""
-        sums, counts = self.total.tensor_split([self.dim(self.total.shape[1])], dim=1)
-        return sums / counts.clamp_min(1)
+    def rows(self, zs: list[torch.Tensor]) -> torch.Tensor:
+        """B x W rows of the layers' detached B x D_l responses."""
+        if self.active_only:  # relu(z) == z * (z > 0)
+            return torch.cat([z.relu() for z in zs] + [(z > 0).to(z.dtype) for z in zs], dim=1)
+        return F.pad(zs[0] if len(zs) == 1 else torch.cat(zs, dim=1), (0, 1), value=1.0)  # a column of ones
 
-    def rows(self, z: torch.Tensor) -> torch.Tensor:
-        """B x W rows of detached B x D responses: [z | 1], or [relu(z) | z > 0] under active_only."""
-        if self.active_only:
-            return torch.cat([z.relu(), (z > 0).to(z.dtype)], dim=1)  # relu(z) == z * (z > 0)
-        return F.pad(z, (0, 1), value=1.0)  # a column of ones
+    def means(self) -> list[torch.Tensor]:
+        """Each layer's C x D_l class means (0 where nothing was counted)."""
+        sums, counts = self.total.tensor_split([self.neurons(self.total.shape[1])], dim=1)
+        return list((sums / counts.clamp_min(1)).split(self.widths.tolist(), dim=1))
 
     def write(self, rows: torch.Tensor, y: torch.Tensor, free: int) -> torch.Tensor:
         """Put the per-class sums of `rows` (labels y) in slot `free` and return that slot.
         Nothing else changes before advance(): a failed step (bad labels) leaves the K batches."""
         ring = self.ring
-        if ring is None or ring.shape[2] != rows.shape[1] or ring.dtype != rows.dtype or ring.device != rows.device:
-            ring = self._fit(rows)
+        if ring.shape[2] != rows.shape[1]:
+            raise ValueError(f"layer outputs changed width from {self.neurons(ring.shape[2])} to "
+                             f"{self.neurons(rows.shape[1])} neurons in all; NSR memory needs a fixed response "
+                             "size (use per_channel=True for varying spatial size)")
+        if ring.dtype != rows.dtype or ring.device != rows.device:
+            ring = self.to(device=rows.device, dtype=rows.dtype).ring  # e.g. loaded on the CPU, used on a GPU
         return ring[free].zero_().index_add_(0, y, rows)
-
-    def _fit(self, rows: torch.Tensor) -> torch.Tensor:
-        """The ring, made for `rows` at the first step, or moved to their device and dtype."""
-        if self.ring is None:
-            self.allocate(rows.shape[1], rows.dtype, rows.device)
-        elif self.ring.shape[2] != rows.shape[1]:
-            raise ValueError(f"layer output changed width from {self.dim(self.ring.shape[2])} to "
-                             f"{self.dim(rows.shape[1])} neurons; NSR memory needs a fixed response size "
-                             "(use per_channel=True for varying spatial size)")
-        else:
-            self.to(device=rows.device, dtype=rows.dtype)  # e.g. loaded on the CPU, used on a GPU
-        return self.ring
 
     def advance(self, newest: torch.Tensor, free: int) -> torch.Tensor:
         """Make `newest`, slot `free` as write() returned it, the newest of the K and the oldest
@@ -126,15 +124,15 @@ class ClassMeanMemory(nn.Module):
 def _allocate_for_load(memory: ClassMeanMemory, state_dict, prefix, local_metadata, strict, missing_keys,
                        unexpected_keys, error_msgs) -> None:
     """load_state_dict pre-hook: give the buffers the saved shapes, also before the first step."""
-    saved = state_dict.get(prefix + "ring")
-    if saved is None:
+    saved, widths = state_dict.get(prefix + "ring"), state_dict.get(prefix + "widths")
+    if saved is None or widths is None:
         return
     if saved.dim() != 3 or saved.shape[:2] != (memory.queue_batches + 1, memory.num_classes):
         error_msgs.append(f"NSR memory {prefix + 'ring'!r} has shape {tuple(saved.shape)}, so it was saved with "
                           f"another queue_batches or num_classes (shape: queue_batches + 1, num_classes, width); "
                           f"this one has queue_batches={memory.queue_batches}, num_classes={memory.num_classes}")
-    elif memory.ring is None or memory.ring.shape != saved.shape:
-        memory.allocate(saved.shape[2], saved.dtype, saved.device if memory.ring is None else memory.ring.device)
+    elif memory.ring is None or memory.ring.shape != saved.shape or memory.widths.shape != widths.shape:
+        memory.allocate(widths.tolist(), saved.dtype, saved.device if memory.ring is None else memory.ring.device)
 
 
 def _reread_ptr(reg: NeuronSteadiness, incompatible_keys) -> None:
@@ -184,13 +182,12 @@ class NeuronSteadiness(nn.Module):
         self.names = list(self.lambdas)
         self.num_classes, self.queue_batches, self.active_only = num_classes, queue_batches, active_only
         self.per_channel, self.sync, self.check_labels = per_channel, sync, check_labels
-        self.memories = nn.ModuleList(ClassMeanMemory(num_classes, queue_batches, active_only)
-                                      for _ in self.names)
+        self.memory = ClassMeanMemory(num_classes, queue_batches, active_only)
         self.outputs = LayerOutputs(model, self.names, "NSR", per_channel)
         self._last: dict[str, tuple[torch.Tensor, int]] = {}  # (loss or sum of squares, divisor)
         self._labels_checked = False
-        # The memories' `ptr` (all layers step together) as a host int, so a step indexes the ring
-        # without reading the buffer back. None until the first step and after a load_state_dict.
+        # The memory's `ptr` as a host int, so a step indexes the ring without reading the buffer
+        # back. None until the first step and after a load_state_dict.
         self._free: int | None = None
         self.register_load_state_dict_post_hook(_reread_ptr)
 
@@ -212,44 +209,52 @@ class NeuronSteadiness(nn.Module):
             self._labels_checked = True
         if y.dtype != torch.long or y.device != zs[0].device:  # skipped, .to() is one op per step
             y = y.to(device=zs[0].device, dtype=torch.long)
-        if self._free is None:  # the first step, or the first after a load_state_dict: read `ptr` once
-            ptr = self.memories[0].ptr
-            self._free = 0 if ptr is None else int(ptr)
-        if self.sync is None:  # the default, decided at the first call
-            self.sync = distributed()
-        free, memories = self._free, list(self.memories)
-        rows = [memory.rows(z.detach()) for memory, z in zip(memories, zs)]
+        free, widths = self._free, [z.shape[1] for z in zs]
+        rows = self.memory.rows([z.detach() for z in zs])
+        if free is None:  # the first step, or the first after a load_state_dict
+            free = self._start(widths, rows)
         try:
-            slots = [memory.write(r, y, free) for memory, r in zip(memories, rows)]
+            newest = self.memory.write(rows, y, free)
         except (IndexError, RuntimeError):
-            check_label_range(y.cpu(), self.num_classes, "NSR")  # out of [0, C)? Only free slots changed.
+            check_label_range(y.cpu(), self.num_classes, "NSR")  # out of [0, C)? Only the free slot changed.
             raise
         if self.sync:  # all ranks enter the global batch: one all-reduce for all layers
-            flat = torch.cat([slot.flatten() for slot in slots])
-            dist.all_reduce(flat)
-            for slot, piece in zip(slots, flat.split([slot.numel() for slot in slots])):
-                slot.copy_(piece.view_as(slot))
+            dist.all_reduce(newest)
+        d = sum(widths)
+        sums, counts = self.memory.advance(newest, free).tensor_split([d], dim=1)
+        if self.active_only:
+            means, actives = (sums / counts.clamp_min(1)).split(widths, dim=1), rows[:, d:].split(widths, dim=1)
+            losses = [(steadiness_loss(z, y, m, a), 1) for z, m, a in zip(zs, means, actives)]
+        else:  # every label of the batch was just counted, so no clamp of the counts is needed;
+            # and the sum times λ/n: mse_loss's mean form costs one more division per step.
+            targets = (sums / counts).index_select(0, y)
+            targets = targets.split(widths, dim=1) if len(zs) > 1 else [targets]  # split is an op even into one
+            losses = [(F.mse_loss(z, t, reduction="sum"), max(z.numel(), 1)) for z, t in zip(zs, targets)]
         total = None
-        for name, memory, z, r, slot in zip(self.names, memories, zs, rows, slots):
-            sums = memory.advance(slot, free)
-            if self.active_only:
-                loss, n = steadiness_loss(z, y, memory.means(), r[:, z.shape[1]:]), 1
-            else:  # every label of the batch was just counted, so no clamp of the counts is needed;
-                # and the sum times λ/n: mse_loss's mean form costs one more division per step.
-                sums, counts = sums.tensor_split([z.shape[1]], dim=1)
-                loss, n = F.mse_loss(z, (sums / counts).index_select(0, y), reduction="sum"), max(z.numel(), 1)
+        for name, (loss, n) in zip(self.names, losses):
             self._last[name] = (loss.detach(), n)
             weighted = loss * (self.lambdas[name] / n)
             total = weighted if total is None else total + weighted
         self._free = (free + 1) % (self.queue_batches + 1)
         return total
 
+    def _start(self, widths: list[int], rows: torch.Tensor) -> int:
+        """The free slot at the first step, or the first after a load_state_dict: make the memory,
+        or check that the loaded one fits these layers; then read `ptr`, once."""
+        if self.memory.ring is None:
+            self.memory.allocate(widths, rows.dtype, rows.device)
+        elif self.memory.widths.tolist() != widths:
+            raise ValueError(f"NSR memory was saved for layers of {self.memory.widths.tolist()} neurons, but "
+                             f"layers {self.names} give {widths}: load it into the same layers of the same model")
+        if self.sync is None:  # the default, decided at the first call
+            self.sync = distributed()
+        return int(self.memory.ptr)
+
     def class_means(self, name: str | None = None) -> torch.Tensor:
         """Current class means (C x D) of a layer (the first one by default)."""
-        memory = self.memories[self.names.index(name) if name else 0]
-        if memory.total is None:
+        if self.memory.total is None:
             raise ValueError("NSR memory is empty: run at least one training step first")
-        return memory.means()
+        return self.memory.means()[self.names.index(name) if name else 0]
 
     def extra_repr(self) -> str:
         return (f"layers={self.lambdas}, num_classes={self.num_classes}, queue_batches={self.queue_batches}, "

@@ -1,5 +1,6 @@
 """torchrun-style training with two CPU processes (gloo): ranks stay identical."""
 
+import gc
 import json
 import os
 import signal
@@ -66,6 +67,7 @@ def _worker(rank: int, port: int, out: str, dump: str, args: list[str] = ARGS,
         with open(os.path.join(dump, f"rank{rank}.interrupted"), "w") as f:
             f.write(str(e))
     finally:
+        gc.collect()  # the trainer's DDP wrapper holds the group: free it first (as engine.main does)
         dist.destroy_process_group()
 
 

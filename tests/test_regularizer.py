@@ -257,7 +257,7 @@ def test_bf16_autocast_gives_float32_finite_term():
             loss = F.cross_entropy(logits, y) + term
         assert term.dtype == torch.float32 and torch.isfinite(term)
         assert all(v.dtype == torch.float32 for v in reg.last.values())
-        assert all(b.dtype == torch.float32 for n, b in reg.named_buffers() if not n.endswith("ptr"))
+        assert all(b.dtype == torch.float32 for n, b in reg.named_buffers() if not n.endswith(("ptr", "widths")))
         loss.backward()
         assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
@@ -294,8 +294,8 @@ def test_state_dict_round_trip_continues_exactly(steps_before):
     rest = data[steps_before:] + batches(seed=6)
     assert _train_steps(model2, reg2, rest) == _train_steps(model, reg, rest)  # bit for bit
     if steps_before:
-        assert set(state) == {f"memories.{i}.{b}" for i in range(2) for b in ("ring", "total", "ptr")}
-        assert int(state["memories.0.ptr"]) == steps_before % 4  # K + 1 slots: K batches + a free one
+        assert set(state) == {f"memory.{b}" for b in ("ring", "total", "ptr", "widths")}
+        assert int(state["memory.ptr"]) == steps_before % 4  # K + 1 slots: K batches + a free one
     else:
         assert state == {}
 
@@ -308,6 +308,15 @@ def test_state_dict_from_another_configuration_is_refused():
     other = NeuronSteadiness(MLP(4, [3], 2), {"out": 1.0}, num_classes=2, queue_batches=5)
     with pytest.raises(RuntimeError, match=r"has shape \(4, 2, 3\).*queue_batches=5"):
         other.load_state_dict(reg.state_dict())
+    # Same K and C, other layers: [3 | 2] neurons side by side against [2 | 3]; the first step says so.
+    two = NeuronSteadiness(model, {"fc1": 1.0, "out": 1.0}, num_classes=2, queue_batches=3)
+    model(torch.randn(4, 4))
+    two(torch.tensor([0, 1, 1, 0]))
+    swapped = NeuronSteadiness(model, {"out": 1.0, "fc1": 1.0}, num_classes=2, queue_batches=3)
+    swapped.load_state_dict(two.state_dict())
+    model(torch.randn(4, 4))
+    with pytest.raises(ValueError, match=r"saved for layers of \[3, 2\] neurons.*give \[2, 3\]"):
+        swapped(torch.tensor([0, 1, 1, 0]))
 
 
 def test_memory_is_registered_buffers_that_move_with_to():
@@ -316,11 +325,11 @@ def test_memory_is_registered_buffers_that_move_with_to():
     model(torch.randn(4, 4))
     reg(torch.tensor([0, 1, 1, 0]))
     names = {n for n, _ in reg.named_buffers()}
-    assert names == {"memories.0.ring", "memories.0.total", "memories.0.ptr"}
+    assert names == {"memory.ring", "memory.total", "memory.ptr", "memory.widths"}
     reg.to("meta")
     assert all(b.device.type == "meta" for b in reg.buffers())
     reg.to(torch.float64)
-    assert reg.memories[0].total.dtype == torch.float64 and reg.memories[0].ptr.dtype == torch.long
+    assert reg.memory.total.dtype == torch.float64 and reg.memory.ptr.dtype == torch.long
 
 
 # ---------------------------------------------------------------- hooks and memory use
@@ -383,7 +392,7 @@ def test_memory_flat_over_1000_steps():
         step()
     assert reg.outputs._captured == {}
     assert _live_tensors() == before
-    assert reg.memories[0].ring.shape == (5, 3, 4)  # K + 1 slots; 3 neurons + 1 count column
+    assert reg.memory.ring.shape == (5, 3, 10)  # K + 1 slots; 3 + 6 neurons side by side + 1 count column
 
 
 def test_step_cost_does_not_depend_on_K_or_C_and_never_syncs():
@@ -468,7 +477,7 @@ def test_ptr_buffer_is_true_after_every_step(K):
         model(torch.randn(4, 4))
         reg(y)
         steps += 1
-        assert [int(m.ptr) for m in reg.memories] == [steps % (K + 1)] * 2
+        assert int(reg.memory.ptr) == steps % (K + 1)
     # Loaded into a fresh regularizer (here through a parent module's load_state_dict, as a
     # checkpoint of a whole training state would), or into a stepped one, the pointer comes from
     # the saved `ptr` and stepping continues from it.
@@ -480,12 +489,12 @@ def test_ptr_buffer_is_true_after_every_step(K):
     parent = nn.ModuleDict({"reg": stepped})
     model3(torch.randn(4, 4)), stepped(y)  # its pointer moves on; the load must set it back
     parent.load_state_dict({"reg." + k: v for k, v in reg.state_dict().items()})
-    assert int(stepped.memories[0].ptr) == int(fresh.memories[0].ptr) == steps % (K + 1)
+    assert int(stepped.memory.ptr) == int(fresh.memory.ptr) == steps % (K + 1)
     x = torch.randn(4, 4)
     model(x), model2(x), model3(x)
     want = reg(y).item()
     assert fresh(y).item() == want and stepped(y).item() == want
-    assert [int(m.ptr) for m in fresh.memories + stepped.memories] == [(steps + 1) % (K + 1)] * 4
+    assert int(fresh.memory.ptr) == int(stepped.memory.ptr) == (steps + 1) % (K + 1)
 
 
 # ---------------------------------------------------------------- API and errors
