@@ -61,7 +61,7 @@ class ClassMeanMemory(nn.Module):
     oldest slot, which becomes the free one: O(C*W) whatever K is; `total` is re-summed at each wrap
     of `ptr` to 0, so rounding never outlives K + 1 steps. The caller passes the free slot as a host
     int, so a step never reads `ptr` back (a host sync on a GPU). The buffers are made at the first
-    step (the widths are not known before) or by load_state_dict.
+    step or by load_state_dict.
     """
 
     def __init__(self, num_classes: int, queue_batches: int, active_only: bool):
@@ -204,7 +204,8 @@ class NeuronSteadiness(nn.Module):
         """The λ-weighted NSR term for the last forward pass, given its labels."""
         zs = self.outputs.take()
         check_label_tensor(y, zs, "NSR")
-        if self.check_labels is True or (self.check_labels == "auto" and not self._labels_checked and not y.is_cpu):
+        auto_check = self.check_labels == "auto" and not self._labels_checked and not y.is_cpu
+        if self.check_labels is True or auto_check:
             check_label_range(y, self.num_classes, "NSR")  # on an accelerator: a host sync
             self._labels_checked = True
         if y.dtype != torch.long or y.device != zs[0].device:  # skipped, .to() is one op per step
