@@ -109,7 +109,7 @@ def restore_training_state(trainer, path: str, state: dict) -> None:
         trainer.scheduler.load_state_dict(state["scheduler"])
         trainer.scaler.load_state_dict(state["scaler"])
         if trainer.reg is not None:
-            trainer.reg.load_state_dict(state["nsr"])
+            trainer.reg.load_state_dict(_old_nsr_memory(state["nsr"], getattr(trainer.reg, "active_only", False)))
         set_rng_state(state["rng"])
         trainer.pos = Position.from_state(state["position"])
         trainer.meter.load_state_dict(state["meter"] if "meter" in state else _old_meter(state["position"]))
@@ -126,3 +126,26 @@ def _old_meter(position: dict) -> dict:
     sums = position.get("sums") or {}
     return {"losses": sums.get("losses", torch.zeros(3, dtype=torch.float64)),
             "correct": sums.get("correct", torch.zeros((), dtype=torch.int64)), "seen": position.get("seen", 0)}
+
+
+def _old_nsr_memory(state: dict, active_only: bool) -> dict:
+    """Checkpoints written before NSR's layers shared one memory kept one per layer, memories.N.*,
+    each row [sums | counts]: put the layers' columns side by side as ClassMeanMemory does, sums
+    first, then the counts (one column for all layers, or every layer's under active_only)."""
+    layers = sorted(int(k.split(".")[1]) for k in state if k.startswith("memories.") and k.endswith(".ring"))
+    if not layers:
+        return state
+
+    rings = [state[f"memories.{i}.ring"] for i in layers]
+    widths = [r.shape[-1] // 2 if active_only else r.shape[-1] - 1 for r in rings]
+
+    def fused(buffer: str) -> torch.Tensor:
+        parts = [state[f"memories.{i}.{buffer}"] for i in layers]
+        sums = [t[..., :d] for t, d in zip(parts, widths)]
+        counts = [t[..., d:] for t, d in zip(parts, widths)]
+        return torch.cat(sums + (counts if active_only else counts[:1]), dim=-1)
+
+    new = {k: v for k, v in state.items() if not k.startswith("memories.")}
+    new.update({"memory.ring": fused("ring"), "memory.total": fused("total"), "memory.ptr": state["memories.0.ptr"],
+                "memory.widths": torch.tensor(widths, dtype=torch.long)})
+    return new

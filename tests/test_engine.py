@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from nsr.checkpoint import load_checkpoint
+from nsr.checkpoint import load_checkpoint, save_checkpoint
 from nsr.config import parse_args
 from nsr.engine import train
 from models import build_model
@@ -79,6 +79,20 @@ def test_resume_gives_identical_history(tmp_path):
     b = load_checkpoint(str(tmp_path / "b" / "last.pt"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert all(torch.equal(a["nsr"][k], b["nsr"][k]) for k in a["nsr"])
+
+
+def test_resume_from_a_checkpoint_with_one_nsr_memory_per_layer(tmp_path):
+    """Checkpoints written before NSR's layers shared one memory still resume exactly."""
+    from tests.test_regularizer import per_layer_layout
+
+    straight = train(parse_args([*FAST, "--epochs", "3", "--out", str(tmp_path / "a")]))
+    train(parse_args([*FAST, "--epochs", "2", "--out", str(tmp_path / "b")]))
+    last = str(tmp_path / "b" / "last.pt")
+    state = load_checkpoint(last)
+    state["nsr"] = per_layer_layout(state["nsr"], active_only=False)
+    save_checkpoint(state, last)
+    resumed = train(parse_args([*FAST, "--epochs", "3", "--out", str(tmp_path / "b"), "--resume"]))
+    assert without_times(resumed["history"]) == without_times(straight["history"])
 
 
 def test_max_steps_stop_inside_an_epoch_resumes_like_a_straight_run(tmp_path):
