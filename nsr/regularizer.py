@@ -88,10 +88,11 @@ class ClassMeanMemory(nn.Module):
             return torch.cat([z.relu() for z in zs] + [(z > 0).to(z.dtype) for z in zs], dim=1)
         return F.pad(zs[0] if len(zs) == 1 else torch.cat(zs, dim=1), (0, 1), value=1.0)  # a column of ones
 
-    def means(self) -> list[torch.Tensor]:
-        """Each layer's C x D_l class means (0 where nothing was counted)."""
-        sums, counts = self.total.tensor_split([self.neurons(self.total.shape[1])], dim=1)
-        return list((sums / counts.clamp_min(1)).split(self.widths.tolist(), dim=1))
+    def means(self, widths: list[int]) -> list[torch.Tensor]:
+        """Each layer's C x D_l class means (0 where nothing was counted); `widths` is the `widths`
+        buffer as a list, passed in so that a step does not read it back."""
+        sums, counts = self.total.tensor_split([sum(widths)], dim=1)
+        return list((sums / counts.clamp_min(1)).split(widths, dim=1))
 
     def write(self, rows: torch.Tensor, y: torch.Tensor, free: int) -> torch.Tensor:
         """Put the per-class sums of `rows` (labels y) in slot `free` and return that slot.
@@ -221,13 +222,13 @@ class NeuronSteadiness(nn.Module):
             raise
         if self.sync:  # all ranks enter the global batch: one all-reduce for all layers
             dist.all_reduce(newest)
-        d = sum(widths)
-        sums, counts = self.memory.advance(newest, free).tensor_split([d], dim=1)
+        window = self.memory.advance(newest, free)  # C x W sums and counts of the K batches
         if self.active_only:
-            means, actives = (sums / counts.clamp_min(1)).split(widths, dim=1), rows[:, d:].split(widths, dim=1)
+            means, actives = self.memory.means(widths), rows[:, sum(widths):].split(widths, dim=1)
             losses = [(steadiness_loss(z, y, m, a), 1) for z, m, a in zip(zs, means, actives)]
         else:  # every label of the batch was just counted, so no clamp of the counts is needed;
             # and the sum times λ/n: mse_loss's mean form costs one more division per step.
+            sums, counts = window.tensor_split([sum(widths)], dim=1)
             targets = (sums / counts).index_select(0, y)
             targets = targets.split(widths, dim=1) if len(zs) > 1 else [targets]  # split is an op even into one
             losses = [(F.mse_loss(z, t, reduction="sum"), max(z.numel(), 1)) for z, t in zip(zs, targets)]
@@ -255,7 +256,7 @@ class NeuronSteadiness(nn.Module):
         """Current class means (C x D) of a layer (the first one by default)."""
         if self.memory.total is None:
             raise ValueError("NSR memory is empty: run at least one training step first")
-        return self.memory.means()[self.names.index(name) if name else 0]
+        return self.memory.means(self.memory.widths.tolist())[self.names.index(name) if name else 0]
 
     def extra_repr(self) -> str:
         return (f"layers={self.lambdas}, num_classes={self.num_classes}, queue_batches={self.queue_batches}, "
