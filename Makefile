@@ -8,12 +8,12 @@ BIN := $(VENV)/bin
 .PHONY: demo test bench clean
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade "pip" "setuptools>=77,<81"
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[all,test]"
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/python -m nsr.demo
+	$(BIN)/python -m nsr demo
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest tests

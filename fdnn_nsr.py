@@ -6,8 +6,9 @@
 
 import os
 
-from nsr.engine import main
+from nsr.search.trial import nni_hooks
+from nsr.train.engine import main
 
 if __name__ == "__main__":
     main(default_config=os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "mlp4.yaml"),
-         description=__doc__.splitlines()[0])
+         description=__doc__.splitlines()[0], hooks=nni_hooks())

@@ -5,8 +5,9 @@
 
 import os
 
-from nsr.engine import main
+from nsr.search.trial import nni_hooks
+from nsr.train.engine import main
 
 if __name__ == "__main__":
     main(default_config=os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "mlp4.yaml"),
-         defaults={"nsr": False}, description=__doc__.splitlines()[0])
+         defaults={"regularizer": "none"}, description=__doc__.splitlines()[0], hooks=nni_hooks())

@@ -25,9 +25,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nsr.config import parse_args  # noqa: E402
-from nsr.data import CIFAR10_MEAN, CIFAR10_STD, LoaderBatches  # noqa: E402
-from nsr.engine import Runtime, Trainer  # noqa: E402
+from nsr.train.augment import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
+from nsr.train.batches import LoaderBatches  # noqa: E402
+from nsr.train.config import parse_args  # noqa: E402
+from nsr.train.engine import Runtime, Trainer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,7 +61,7 @@ def make_trainer(nsr: bool, n_train: int, batch: int, workers: int, pipeline: st
     args = ["--config", os.path.join(ROOT, "configs", "resnet18_cifar10.yaml"), "--dataset", "fake",
             "--fake-size", str(n_train + 10_000), "--val-size", "10000", "--batch-size", str(batch),
             "--eval-batch-size", "1000", "--quiet", "--out", tempfile.mkdtemp(),
-            "--nsr" if nsr else "--no-nsr", "--device", device, "--workers", str(workers)]
+            "--regularizer", "nsr" if nsr else "none", "--device", device, "--workers", str(workers)]
     trainer = Trainer(parse_args(args), Runtime(torch.device(device)))
     if pipeline == "dataloader":
         train = trainer.data.train

@@ -4,7 +4,7 @@
 
 Both train MLP-4 + NSR (output layer, K=5, lambda 7.4865) with SGD lr 0.01, batch 100 on the
 same 50,000 training images and then score the 10,000 validation images:
-- ours: the training engine (nsr.engine.Trainer): tensors converted once, index-slice batches;
+- ours: the training engine (nsr.train.engine.Trainer): tensors converted once, index-slice batches;
 - classic: torchvision's FashionMNIST Dataset + DataLoader(ToTensor()), as the original code did,
   with the same model, optimizer and regularizer.
 Rounds alternate (ours, classic, ours, ...) and the medians are compared, since the machine's
@@ -29,9 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models import build_model  # noqa: E402
 from nsr import NeuronSteadiness  # noqa: E402
-from nsr.config import parse_args  # noqa: E402
-from nsr.data import IDX_FILES  # noqa: E402
-from nsr.engine import Runtime, Trainer, evaluate  # noqa: E402
+from nsr.train.config import parse_args  # noqa: E402
+from nsr.train.datasets import IDX_FILES  # noqa: E402
+from nsr.train.engine import Runtime, Trainer, evaluate  # noqa: E402
 
 
 def ours_epoch(data_dir: str, epoch: int, threads: int) -> float:

@@ -7,15 +7,15 @@ import math
 from torch import nn
 
 from .mlp import MLP, MLP_HIDDEN
+from .resnet_cifar import resnet18_cifar
+from .vgg import vgg19_bn_cifar
 
 
 def _resnet18_cifar(num_classes, in_shape):
-    from .resnet_cifar import resnet18_cifar
     return resnet18_cifar(num_classes=num_classes, in_channels=in_shape[0])
 
 
 def _vgg19_cifar(num_classes, in_shape):
-    from .vgg import vgg19_bn_cifar
     return vgg19_bn_cifar(num_classes=num_classes, in_channels=in_shape[0])
 
 

@@ -28,7 +28,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .layer_outputs import LayerOutputs, check_label_range, check_label_tensor, distributed
+from .layer_outputs import (
+    LayerOutputs,
+    check_label_range,
+    check_label_tensor,
+    distributed,
+)
 
 __all__ = ["CenterLoss"]
 

@@ -23,7 +23,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .layer_outputs import LayerOutputs, check_label_range, check_label_tensor, distributed
+from .layer_outputs import (
+    LayerOutputs,
+    check_label_range,
+    check_label_tensor,
+    distributed,
+)
 
 __all__ = ["NeuronSteadiness", "ClassMeanMemory", "steadiness_loss"]
 

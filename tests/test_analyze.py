@@ -1,4 +1,4 @@
-"""nsr.analyze: intra-class variance on models where it is known by construction."""
+"""python -m nsr analyze: intra-class variance on models where it is known by construction."""
 
 import json
 import os
@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from nsr import analyze
+from nsr.experiments import analyze
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -176,8 +176,8 @@ def test_cli_warmup_then_compare_checkpoints(tmp_path, capsys):
 # ------------------------------------------------------------------------------- bad input
 
 def _cli(*args, cwd, expect=2):
-    """python -m nsr.analyze; with expect=2 exactly one `error:` line on stderr, no traceback."""
-    proc = subprocess.run([sys.executable, "-m", "nsr.analyze", *args], cwd=cwd, capture_output=True,
+    """python -m nsr analyze; with expect=2 exactly one `error:` line on stderr, no traceback."""
+    proc = subprocess.run([sys.executable, "-m", "nsr", "analyze", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == expect, (args, proc.returncode, proc.stdout, proc.stderr)
     if expect == 2:
@@ -192,7 +192,7 @@ def _files(folder: Path) -> dict:
 
 @pytest.mark.skipif(not ENGINE_READY, reason="training engine not present")
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
-    from nsr.checkpoint import load_checkpoint, save_checkpoint
+    from nsr.train.checkpoint import load_checkpoint, save_checkpoint
 
     for model in ("mlp4",):
         subprocess.run([sys.executable, str(REPO / "fdnn_nsr.py"), "--config",

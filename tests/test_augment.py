@@ -6,8 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nsr.augment import (CIFAR10_MEAN, CIFAR10_STD, augment_batch, cutout, normalize, random_crop,
-                         random_flip)
+from nsr.train.augment import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    augment_batch,
+    cutout,
+    normalize,
+    random_crop,
+    random_flip,
+)
 
 
 def gen(seed=0):

@@ -8,12 +8,12 @@ import torch
 import yaml
 
 from models import MLP_HIDDEN
-from nsr.build import setup_runtime
-from nsr.checkpoint import load_checkpoint
-from nsr.config import CLI_ONLY, parse_args
-from nsr.engine import Trainer, train
-from nsr.errors import UserError
-from nsr.outdir import OutputFolder
+from nsr.train.build import setup_runtime
+from nsr.train.checkpoint import load_checkpoint
+from nsr.train.config import CLI_ONLY, parse_args
+from nsr.train.engine import Trainer, train
+from nsr.train.errors import UserError
+from nsr.train.outdir import OutputFolder
 
 FAST = ["--dataset", "digits", "--batch-size", "32", "--lr", "0.05", "--momentum", "0.9", "--quiet"]
 TIMES = {"epoch_time_s", "train_time_s"}
@@ -28,8 +28,7 @@ def test_each_option_runs_through_the_script_and_is_recorded(tmp_path, script):
     script("fdnn_nsr.py", *FAST, "--max-steps", "3", "--regularizer", "center", "--center-alpha", "0.3",
            "--label-smoothing", "0.1", "--dropout", "0.2", "--lambda", "0.5", "--out", str(out))
     m = json.loads((out / "metrics.json").read_text())
-    assert (m["regularizer"], m["nsr"], m["center_alpha"], m["label_smoothing"], m["dropout"]) == \
-        ("center", False, 0.3, 0.1, 0.2)
+    assert (m["regularizer"], m["center_alpha"], m["label_smoothing"], m["dropout"]) == ("center", 0.3, 0.1, 0.2)
     assert m["lambda"] == [0.5] and m["nsr_layers"] == ["out"]
     assert m["partial_epoch"]["nsr_loss"] > 0, "the center loss is reported in the nsr_loss column"
     saved = yaml.safe_load((out / "config.yaml").read_text())
@@ -45,13 +44,13 @@ def test_each_option_runs_through_the_script_and_is_recorded(tmp_path, script):
     vanilla = tmp_path / "vanilla"
     script("fdnn_vanilla.py", *FAST, "--max-steps", "2", "--out", str(vanilla))
     v = json.loads((vanilla / "metrics.json").read_text())
-    assert (v["regularizer"], v["nsr"], v["center_alpha"], v["lambda"]) == ("none", False, None, [])
+    assert (v["regularizer"], v["center_alpha"], v["lambda"]) == ("none", None, [])
 
 
 def test_explicit_nsr_defaults_train_exactly_like_the_default_run(tmp_path):
     default = train(parse_args([*FAST, "--max-steps", "12", "--out", str(tmp_path / "a")]))
     explicit = train(parse_args([*FAST, "--max-steps", "12", "--out", str(tmp_path / "b"), "--regularizer",
-                                 "nsr", "--label-smoothing", "0", "--dropout", "0", "--nsr"]))
+                                 "nsr", "--label-smoothing", "0", "--dropout", "0", "--regularizer", "nsr"]))
     assert without_times([default["partial_epoch"]]) == without_times([explicit["partial_epoch"]])
     a, b = (load_checkpoint(str(tmp_path / d / "last.pt")) for d in "ab")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
@@ -59,7 +58,7 @@ def test_explicit_nsr_defaults_train_exactly_like_the_default_run(tmp_path):
 
 
 def test_center_loss_with_lambda_zero_trains_the_vanilla_weights(tmp_path):
-    train(parse_args([*FAST, "--max-steps", "8", "--no-nsr", "--out", str(tmp_path / "v")]))
+    train(parse_args([*FAST, "--max-steps", "8", "--regularizer", "none", "--out", str(tmp_path / "v")]))
     train(parse_args([*FAST, "--max-steps", "8", "--regularizer", "center", "--lambda", "0",
                       "--out", str(tmp_path / "c")]))
     v, c = (load_checkpoint(str(tmp_path / d / "last.pt")) for d in "vc")
@@ -97,7 +96,7 @@ def test_one_step_losses_and_centres_match_the_formulas(tmp_path):
 
 
 def test_dropout_puts_one_dropout_after_each_hidden_layer(tmp_path):
-    cfg = parse_args([*FAST, "--dropout", "0.3", "--no-nsr", "--out", str(tmp_path / "x")])
+    cfg = parse_args([*FAST, "--dropout", "0.3", "--regularizer", "none", "--out", str(tmp_path / "x")])
     trainer = Trainer(cfg, setup_runtime(cfg), OutputFolder(cfg.out, writer=False))
     rates = [m.p for m in trainer.model.modules() if isinstance(m, torch.nn.Dropout)]
     assert rates == [0.3] * len(MLP_HIDDEN["mlp4"])
@@ -120,7 +119,6 @@ def test_resume_with_a_changed_baseline_setting_is_refused(tmp_path, change):
     (["--regularizer", "foo"], "regularizer"),
     (["--center-alpha", "2"], "center_alpha"),
     (["--center-alpha", "nan"], "center_alpha"),
-    (["--no-nsr", "--regularizer", "center"], "regularizer is center"),
     (["--regularizer", "center", "--active-only"], "active_only"),
 ])
 def test_bad_baseline_settings_are_one_error_line(tmp_path, script, args, words):

@@ -1,4 +1,4 @@
-"""nsr.compare: the tuning choice, the final table's statistics and the sensitivity sweep, with a
+"""python -m nsr compare: the tuning choice, the final table's statistics and the sensitivity sweep, with a
 stand-in for training that writes metrics.json from each run's real parsed config (fast and
 deterministic). Training itself is tested elsewhere; the real scripts and the compare stages
 meet in test_baselines.py's options and test_reproduce.py's end-to-end run."""
@@ -9,8 +9,8 @@ import math
 import pytest
 from scipy import stats as scipy_stats
 
-from nsr import compare
-from nsr.config import parse_args as parse_config
+from nsr.experiments import compare
+from nsr.train.config import parse_args as parse_config
 
 SEEDS = 5
 VANILLA = [12.0, 12.3, 11.8, 12.4, 12.1]

@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from nsr.config import Config, parse_args, to_dict
-from nsr.errors import UserError
+from nsr.train.config import Config, parse_args, to_dict
+from nsr.train.errors import UserError
 from tests.conftest import ROOT
 
 
@@ -41,8 +41,8 @@ def test_command_line_overrides_yaml_which_overrides_defaults(tmp_path):
     cfg = parse_args(["--config", path, "--epochs", "3", "--lambda", "2.5"], defaults={"lr": 0.2, "seed": 4})
     assert (cfg.lr, cfg.epochs, cfg.lambda_, cfg.seed) == (0.5, 3, [2.5], 4)
     assert Config().lr == 0.01
-    cfg = parse_args(["--config", path, "--no-nsr", "--nsr-layers", "fc1", "out", "--lambda", "1", "2"])
-    assert cfg.nsr is False and cfg.nsr_layers == ["fc1", "out"] and cfg.lambda_ == [1.0, 2.0]
+    cfg = parse_args(["--config", path, "--regularizer", "none", "--nsr-layers", "fc1", "out", "--lambda", "1", "2"])
+    assert cfg.regularizer == "none" and cfg.nsr_layers == ["fc1", "out"] and cfg.lambda_ == [1.0, 2.0]
 
 
 def test_one_lambda_is_shared_by_all_layers():
@@ -101,8 +101,8 @@ def test_bad_yaml_keys_and_types(tmp_path):
 
 
 def test_nni_parameters_map_to_config_keys():
-    from nsr.config import Config, apply_overrides, validate
-    from nsr.nni_trial import config_overrides
+    from nsr.search.trial import config_overrides
+    from nsr.train.config import Config, apply_overrides, validate
 
     assert config_overrides({"nsr_layer": "fc2", "lambda": 0.5, "lr": 0.1}) == \
         {"nsr_layers": ["fc2"], "lambda": [0.5], "lr": 0.1}

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from nsr.config import parse_args
-from nsr.data import IDX_FILES, TensorBatches, load_data, load_idx_folder, read_idx
-from nsr.errors import UserError
+from nsr.train.batches import TensorBatches
+from nsr.train.config import parse_args
+from nsr.train.data import load_data
+from nsr.train.datasets import IDX_FILES, load_idx_folder, read_idx
+from nsr.train.errors import UserError
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

@@ -1,4 +1,4 @@
-"""python -m nsr.demo: the quick start's table, and its bad arguments (one line, exit 2, nothing written)."""
+"""python -m nsr demo: the quick start's table, and its bad arguments (one line, exit 2, nothing written)."""
 
 import os
 import re
@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _demo(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "nsr.demo", *args], cwd=cwd, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "nsr", "demo", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 

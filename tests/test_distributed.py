@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from nsr.errors import RunInterrupted
+from nsr.train.errors import RunInterrupted
 from tests.conftest import ROOT
 
 ARGS = ["--config", os.path.join(ROOT, "configs", "resnet18_cifar10.yaml"), "--dataset", "fake",
@@ -31,8 +31,8 @@ def _worker(rank: int, port: int, out: str, dump: str, args: list[str] = ARGS,
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    import nsr.engine as engine
-    from nsr.config import parse_args
+    import nsr.train.engine as engine
+    from nsr.train.config import parse_args
 
     fit = engine.Trainer.fit
 
@@ -44,14 +44,17 @@ def _worker(rank: int, port: int, out: str, dump: str, args: list[str] = ARGS,
 
     engine.Trainer.fit = fit_and_dump
 
-    def record_report(kind):  # what would go to NNI, per rank
-        def report(*values):
+    class Recorder(engine.RunHooks):  # what the NNI trial link would report, per rank
+        def record(self, *values):
             with open(os.path.join(dump, f"rank{rank}.nni"), "a") as f:
-                f.write(f"{kind} {values}\n")
-        return report
+                f.write(f"{values}\n")
 
-    engine.nni_trial.report_intermediate = record_report("intermediate")
-    engine.nni_trial.report_final = record_report("final")
+        def epoch_end(self, row):
+            self.record("intermediate", row["val_acc"])
+
+        def run_end(self, metrics):
+            self.record("final", metrics["best_val_acc"], metrics["test_acc"])
+
     if interrupt_at is not None and rank in interrupt_ranks:  # Ctrl-C reaching these ranks only
         step = engine.Trainer.train_step
 
@@ -62,7 +65,7 @@ def _worker(rank: int, port: int, out: str, dump: str, args: list[str] = ARGS,
 
         engine.Trainer.train_step = step_and_interrupt
     try:
-        engine.train(parse_args([*args, "--out", out]))
+        engine.train(parse_args([*args, "--out", out]), Recorder())
     except RunInterrupted as e:
         with open(os.path.join(dump, f"rank{rank}.interrupted"), "w") as f:
             f.write(str(e))
@@ -85,7 +88,7 @@ def test_two_ranks_end_with_identical_weights_and_nsr_memory(tmp_path):
     assert m["world_size"] == 2 and m["global_steps"] == 3 and m["finished"]
     # only rank 0 reports to NNI: epoch 1 (its 3 steps) and the final result
     assert open(os.path.join(dump, "rank0.nni")).read().splitlines() == [
-        f"intermediate ({m['history'][0]['val_acc']},)", f"final ({m['best_val_acc']}, {m['test_acc']})"]
+        f"('intermediate', {m['history'][0]['val_acc']})", f"('final', {m['best_val_acc']}, {m['test_acc']})"]
     assert not os.path.exists(os.path.join(dump, "rank1.nni"))
 
 

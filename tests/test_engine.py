@@ -1,18 +1,18 @@
 """The training engine end to end on digits (no download): outputs, protocol, resume."""
 
 import csv
-import time
 import json
 import os
+import time
 
 import pytest
 import torch
 import yaml
 
-from nsr.checkpoint import load_checkpoint, save_checkpoint
-from nsr.config import parse_args
-from nsr.engine import train
 from models import build_model
+from nsr.train.checkpoint import load_checkpoint
+from nsr.train.config import parse_args
+from nsr.train.engine import train
 
 TIMES = {"epoch_time_s", "train_time_s"}
 FAST = ["--dataset", "digits", "--batch-size", "32", "--lr", "0.05", "--momentum", "0.9", "--quiet"]
@@ -31,7 +31,7 @@ def test_scripts_learn_digits_and_write_every_output(tmp_path, script, script_na
     for key in ("model", "dataset", "seed", "lambda", "epochs", "num_params", "best_epoch", "best_val_acc",
                 "test_acc", "test_error", "train_time_s", "history"):
         assert key in m, key
-    assert (m["model"], m["dataset"], m["epochs"], m["finished"], m["nsr"]) == ("mlp4", "digits", 3, True, nsr)
+    assert (m["model"], m["dataset"], m["epochs"], m["finished"], m["regularizer"]) == ("mlp4", "digits", 3, True, "nsr" if nsr else "none")
     assert m["num_params"] == (64 * 256 + 256) + (256 * 100 + 100) + (100 * 10 + 10)
     assert m["test_acc"] > 60, "far above the 10 % of chance after 3 epochs"
     assert abs(m["test_error"] - (100 - m["test_acc"])) < 1e-9
@@ -45,7 +45,7 @@ def test_scripts_learn_digits_and_write_every_output(tmp_path, script, script_na
         rows = list(csv.DictReader(f))
     assert [float(r["val_acc"]) for r in rows] == [r["val_acc"] for r in m["history"]]
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["nsr"] is nsr and saved["dataset"] == "digits"
+    assert saved["regularizer"] == ("nsr" if nsr else "none") and saved["dataset"] == "digits"
     assert {"last.pt", "best.pt"} <= set(os.listdir(out))
 
 
@@ -59,8 +59,8 @@ def test_reported_test_accuracy_is_the_one_at_the_best_validation_epoch(tmp_path
     assert state["position"]["epoch"] == m["best_epoch"]
     model = build_model("mlp4", 10, (1, 8, 8))
     model.load_state_dict(state["model"])
-    from sklearn.datasets import load_digits
     import numpy as np
+    from sklearn.datasets import load_digits
 
     d = load_digits()
     test = np.random.default_rng(12345).permutation(len(d.images))[:360]
@@ -79,20 +79,6 @@ def test_resume_gives_identical_history(tmp_path):
     b = load_checkpoint(str(tmp_path / "b" / "last.pt"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert all(torch.equal(a["nsr"][k], b["nsr"][k]) for k in a["nsr"])
-
-
-def test_resume_from_a_checkpoint_with_one_nsr_memory_per_layer(tmp_path):
-    """Checkpoints written before NSR's layers shared one memory still resume exactly."""
-    from tests.test_regularizer import per_layer_layout
-
-    straight = train(parse_args([*FAST, "--epochs", "3", "--out", str(tmp_path / "a")]))
-    train(parse_args([*FAST, "--epochs", "2", "--out", str(tmp_path / "b")]))
-    last = str(tmp_path / "b" / "last.pt")
-    state = load_checkpoint(last)
-    state["nsr"] = per_layer_layout(state["nsr"], active_only=False)
-    save_checkpoint(state, last)
-    resumed = train(parse_args([*FAST, "--epochs", "3", "--out", str(tmp_path / "b"), "--resume"]))
-    assert without_times(resumed["history"]) == without_times(straight["history"])
 
 
 def test_max_steps_stop_inside_an_epoch_resumes_like_a_straight_run(tmp_path):
@@ -122,25 +108,25 @@ def test_max_steps_stop_inside_an_epoch_resumes_like_a_straight_run(tmp_path):
 
 
 def test_vanilla_builds_no_regularizer(tmp_path, monkeypatch):
-    import nsr.build as build
+    import nsr.train.build as build
 
     def forbidden(*args, **kwargs):
         raise AssertionError("vanilla must not build NeuronSteadiness")
 
     monkeypatch.setattr(build, "NeuronSteadiness", forbidden)
-    m = train(parse_args([*FAST, "--no-nsr", "--epochs", "1", "--out", str(tmp_path / "v")]))
+    m = train(parse_args([*FAST, "--regularizer", "none", "--epochs", "1", "--out", str(tmp_path / "v")]))
     assert m["history"][0]["nsr_loss"] == 0.0
 
 
 def test_a_model_that_cannot_take_the_data_fails_before_training(tmp_path, capsys, monkeypatch):
     import models
-    from nsr.engine import main
+    from nsr.train.engine import main
 
     three_channels = lambda classes, shape, dropout=0.0: torch.nn.Sequential(  # noqa: E731
         torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, classes))
     monkeypatch.setitem(models.MODELS, "mlp4", three_channels)
     with pytest.raises(SystemExit) as exit_info:
-        main(argv=[*FAST, "--no-nsr", "--epochs", "1", "--out", str(tmp_path / "o")])
+        main(argv=[*FAST, "--regularizer", "none", "--epochs", "1", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert err.startswith("error: model mlp4 cannot take digits's inputs of shape (1, 8, 8) (")
@@ -148,7 +134,7 @@ def test_a_model_that_cannot_take_the_data_fails_before_training(tmp_path, capsy
 
 
 def test_train_time_counts_training_steps_only(tmp_path, monkeypatch):
-    import nsr.engine as engine
+    import nsr.train.engine as engine
 
     evaluate = engine.evaluate
 

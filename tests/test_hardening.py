@@ -53,11 +53,11 @@ import time
 import pytest
 import torch
 
-import nsr.checkpoint as checkpoint
-from nsr.checkpoint import FORMAT, load_checkpoint, save_checkpoint
-from nsr.config import parse_args
-from nsr.data import IDX_FILES, offline_reason
-from nsr.engine import main, train
+import nsr.train.checkpoint as checkpoint
+from nsr.train.checkpoint import FORMAT, load_checkpoint, save_checkpoint
+from nsr.train.config import parse_args
+from nsr.train.datasets import IDX_FILES, offline_reason
+from nsr.train.engine import main, train
 from tests.conftest import ROOT
 from tests.test_data import write_mnist_like
 
@@ -417,7 +417,7 @@ def test_sigint_at_a_chosen_step_then_resume_gives_identical_metrics(tmp_path, r
     """The timed test above lands wherever the machine's speed puts it; this one sends SIGINT
     (through the real handler) right after epoch 3's last batch, before its validation, or in
     its middle."""
-    import nsr.engine as engine
+    import nsr.train.engine as engine
     steps_per_epoch = reference[1]["global_steps"] // EPOCHS
     at = 3 * steps_per_epoch if where == "last" else 2 * steps_per_epoch + steps_per_epoch // 2
     calls, plain_step = [0], engine.Trainer.train_step
@@ -483,7 +483,7 @@ def test_overwrite_that_diverges_before_its_first_checkpoint_keeps_the_finished_
 
 def test_overwrite_that_raises_before_its_first_checkpoint_keeps_the_finished_run(reference, tmp_path,
                                                                                    monkeypatch):
-    import nsr.engine as engine
+    import nsr.train.engine as engine
 
     out, before = _finished_copy(reference, tmp_path)
     step = engine.Trainer.train_step

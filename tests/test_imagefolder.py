@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-import nsr.data
-from nsr.augment import IMAGENET_MEAN, IMAGENET_STD
-from nsr.config import parse_args
-from nsr.data import load_data
-from nsr.errors import UserError
+import nsr.train.batches
+from nsr.train.augment import IMAGENET_MEAN, IMAGENET_STD
+from nsr.train.config import parse_args
+from nsr.train.data import load_data
+from nsr.train.errors import UserError
 
 CPU = torch.device("cpu")
 
@@ -124,7 +124,7 @@ def test_mid_epoch_resume_reads_the_batches_of_a_straight_run_with_workers(textu
 
 def test_without_per_sample_seeds_a_resumed_epoch_would_differ(textured, monkeypatch):
     """The check above can fail: workers drawing from their own streams break resume."""
-    monkeypatch.setattr(nsr.data, "_global_rngs_seeded", lambda seed: nullcontext())
+    monkeypatch.setattr(nsr.train.batches, "_global_rngs_seeded", lambda seed: nullcontext())
     data = load_data(imagenet(textured, "--workers", "2", "--batch-size", "4", "--seed", "3"), CPU)
     straight, resumed = batches(data, 2), batches(data, 2, 1)
     assert not all(torch.equal(x, rx) for (x, _), (rx, _) in zip(straight[1:], resumed))

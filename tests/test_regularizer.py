@@ -319,8 +319,8 @@ def per_layer_layout(state: dict, active_only: bool) -> dict:
 @pytest.mark.parametrize("active_only", [False, True])
 def test_checkpoint_of_the_per_layer_memory_layout_resumes_exactly(active_only):
     """Checkpoints written when each layer had its own memory (memories.N.ring/total/ptr, rows
-    [sums | counts]) are converted on resume (nsr.checkpoint) and continue bit for bit."""
-    from nsr.checkpoint import _old_nsr_memory
+    [sums | counts]) are converted on resume (nsr.train.checkpoint) and continue bit for bit."""
+    from nsr.train.checkpoint import _old_nsr_memory
 
     torch.manual_seed(0)
     model = SmallNet().double()

@@ -1,8 +1,8 @@
-"""nsr.reproduce and nsr.report: planning, skip/resume/refuse, failures, N variants, tables, curves,
+"""python -m nsr reproduce and python -m nsr report: planning, skip/resume/refuse, failures, N variants, tables, curves,
 and bad input through the real entry points.
 
 Most tests drive the runner against a stand-in training script that parses its flags with the
-real nsr.config (fast, deterministic); the last one runs the real scripts on scikit-learn's digits.
+real nsr.train.config (fast, deterministic); the last one runs the real scripts on scikit-learn's digits.
 """
 
 import json
@@ -15,19 +15,19 @@ from pathlib import Path
 
 import pytest
 
-from nsr import report, reproduce, stats
-from nsr.reproduce import Variant
+from nsr.experiments import report, reproduce, stats
+from nsr.experiments.runner import Variant
 
 REPO = Path(__file__).resolve().parent.parent
 
 FAKE_TRAINER = textwrap.dedent('''
     import json, os, sys, yaml
-    from nsr.config import parse_args, to_dict
+    from nsr.train.config import parse_args, to_dict
     cfg = parse_args(sys.argv[1:])
-    variant = "nsr" if cfg.nsr else "vanilla"
+    variant = "nsr" if (cfg.regularizer != "none") else "vanilla"
     with open(os.environ["FAKE_CALLS"], "a") as f:
         f.write(json.dumps({"variant": variant, "seed": cfg.seed, "resume": cfg.resume,
-                            "overwrite": cfg.overwrite, "lambda": cfg.lambda_ if cfg.nsr else None,
+                            "overwrite": cfg.overwrite, "lambda": cfg.lambda_ if (cfg.regularizer != "none") else None,
                             "epochs": cfg.epochs, "dataset": cfg.dataset, "argv": sys.argv[1:],
                             "queue_batches": cfg.queue_batches, "nsr_layers": cfg.nsr_layers}) + "\\n")
     if os.environ.get("FAKE_FAIL") == f"{variant}{cfg.seed}":
@@ -36,8 +36,8 @@ FAKE_TRAINER = textwrap.dedent('''
     os.makedirs(cfg.out, exist_ok=True)
     yaml.safe_dump(to_dict(cfg), open(os.path.join(cfg.out, "config.yaml"), "w"))
     # test error: vanilla 3.0 + 0.1*seed, NSR 2.0 + 0.05*seed, minus 0.01 per queue batch beyond 5
-    err = (2.0 + 0.05 * cfg.seed - 0.01 * (cfg.queue_batches - 5)) if cfg.nsr else (3.0 + 0.1 * cfg.seed)
-    hist = [{"val_acc": 50 + 10 * e + (5 if cfg.nsr else 0) + cfg.seed} for e in range(cfg.epochs)]
+    err = (2.0 + 0.05 * cfg.seed - 0.01 * (cfg.queue_batches - 5)) if (cfg.regularizer != "none") else (3.0 + 0.1 * cfg.seed)
+    hist = [{"val_acc": 50 + 10 * e + (5 if (cfg.regularizer != "none") else 0) + cfg.seed} for e in range(cfg.epochs)]
     open(os.path.join(cfg.out, "last.pt"), "w").write("x")
     json.dump({"model": cfg.model, "dataset": cfg.dataset, "seed": cfg.seed, "epochs": cfg.epochs,
                "test_error": err, "test_acc": 100 - err, "finished": True, "history": hist},
@@ -181,7 +181,7 @@ def test_commands_lambda_from_extra_and_cnn(fake_repo, tmp_path, capsys):
     assert nsr["mlp4"].endswith("--max-steps 5")
     assert "--lambda 0.1 0.2" in nsr["mlp6"]
     assert "--queue-batches 10" in nsr["mlp6"] and "--nsr-layers fc4 out" in nsr["mlp6"]
-    vanilla = [l for l in lines if "--no-nsr" in l]
+    vanilla = [l for l in lines if "--regularizer none" in l]
     assert len(vanilla) == 3 and all("--lambda" not in l and "--queue" not in l for l in vanilla)
 
     assert _main(repo, out, "--models", "resnet18_cifar10", "--seeds", "1",
@@ -214,7 +214,7 @@ def test_variants_are_data(fake_repo, tmp_path):
     p_k10 = next(r for r in rows if r[0] == "p-value: k10")
     assert p_k10[1] == stats.format_pvalue(1 - 2 / math.pi * math.atan(43))
     assert next(r for r in rows if r[0] == "Gain: wd")[1] == "0.00%"  # same errors as vanilla
-    # nsr.report alone finds the same variants in the folders and writes the same table
+    # python -m nsr report alone finds the same variants in the folders and writes the same table
     before = (out / "table.csv").read_text()
     (out / "table.csv").unlink()
     assert report.main([str(out)]) == 0
@@ -228,13 +228,13 @@ def test_changed_settings_are_refused(fake_repo, tmp_path, capsys):
     before = _snapshot(out)
     capsys.readouterr()
     # same folder, more epochs: the finished 2-epoch runs are not what is asked for
-    proc = _cli("-m nsr.reproduce", "--repo", str(repo), "--out", str(out), "--models", "mlp4",
+    proc = _cli("-m nsr reproduce", "--repo", str(repo), "--out", str(out), "--models", "mlp4",
                 "--seeds", "1", "--epochs", "4")
     assert "holds a run with other settings (epochs: 2 -> 4)" in proc.stderr
     assert "(and 1 more)" in proc.stderr
     assert len(_calls(calls)) == 2 and _snapshot(out) == before
     # an NSR setting from --extra counts too; execution settings (data dir, device) do not
-    proc = _cli("-m nsr.reproduce", "--repo", str(repo), "--out", str(out), "--models", "mlp4",
+    proc = _cli("-m nsr reproduce", "--repo", str(repo), "--out", str(out), "--models", "mlp4",
                 "--seeds", "1", "--epochs", "2", "--extra", "--queue-batches 7")
     assert "queue_batches: 5 -> 7" in proc.stderr and _snapshot(out) == before
     assert _main(repo, out, "--models", "mlp4", "--seeds", "1", "--epochs", "2",
@@ -262,7 +262,7 @@ def test_report_on_fabricated_runs(tmp_path, capsys):
     unfinished = report.run_dir(out, "mlp10", "nsr", 0)
     unfinished.mkdir(parents=True)
     (unfinished / "metrics.json").write_text(json.dumps({"finished": False, "test_error": 1.0}))
-    proc = _cli("-m nsr.report", str(out), expect=0)
+    proc = _cli("-m nsr report", str(out), expect=0)
     assert f"warning: {unfinished} is not a finished run" in proc.stderr
     rows = [line.split(",") for line in (out / "table.csv").read_text().splitlines()]
     assert rows == [["Model", "MLP-3", "MLP-10"],  # natural order: 3 before 10
@@ -272,7 +272,7 @@ def test_report_on_fabricated_runs(tmp_path, capsys):
                     ["p-value", "0.074", "n/a"]]
     assert (out / "curves.png").exists() and "| p-value" in proc.stdout
     assert json.loads((out / "summary.json").read_text())["mlp10"]["vanilla"]["summary"]["std"] is None
-    # --table-only of nsr.reproduce is the same report; --models narrows the columns
+    # --table-only of python -m nsr reproduce is the same report; --models narrows the columns
     assert reproduce.main(["--out", str(out), "--table-only", "--models", "mlp10"]) == 0
     assert (out / "table.csv").read_text().splitlines()[0] == "Model,MLP-10"
     x, mean, std = report.curve_stats([[91, 92, 93], [91, 92, 94], [91, 92, 95], [90]])
@@ -295,7 +295,7 @@ def test_report_reads_the_committed_fashion_mnist_layout(tmp_path):
                 folder = report.run_dir(out, model, variant, int(seed))
                 folder.mkdir(parents=True)
                 (folder / "metrics.json").write_text(json.dumps({**m, "finished": True}))
-    _cli("-m nsr.report", str(out), expect=0)
+    _cli("-m nsr report", str(out), expect=0)
     want = [l for l in (committed / "table.md").read_text().splitlines() if l.startswith("|")]
     got = [l for l in (out / "table.md").read_text().splitlines() if l.startswith("|")]
     assert got == want and len(got) == 6
@@ -345,7 +345,7 @@ def test_bad_arguments_of_reproduce(fake_repo, tmp_path):
         "argument --data-dir: must not be empty": ["--out", str(out), *base, "--data-dir", " "],
     }
     for expected, argv in cases.items():
-        proc = _cli("-m nsr.reproduce", *argv)
+        proc = _cli("-m nsr reproduce", *argv)
         assert expected in proc.stderr, (argv, proc.stderr)
     assert not out.exists() and a_file.read_text() == "keep me" and not _calls(calls)
 
@@ -368,13 +368,13 @@ def test_bad_lambda_files(fake_repo, tmp_path):
     for name, (text, expected) in files.items():
         path = tmp_path / f"{name}.json"
         path.write_text(text)
-        proc = _cli("-m nsr.reproduce", "--repo", str(repo), "--out", str(out), "--models", "mlp4",
+        proc = _cli("-m nsr reproduce", "--repo", str(repo), "--out", str(out), "--models", "mlp4",
                     "--seeds", "1", "--lambda-from", str(path))
         assert expected in proc.stderr, (name, proc.stderr)
     for spec, expected in ((str(tmp_path / "missing.json"), "No such file"),
                            (str(tmp_path), "Is a directory"),
                            (f"mlp6={tmp_path / 'nan.json'}", "'mlp6' is not one of --models")):
-        proc = _cli("-m nsr.reproduce", "--repo", str(repo), "--out", str(out), "--models", "mlp4",
+        proc = _cli("-m nsr reproduce", "--repo", str(repo), "--out", str(out), "--models", "mlp4",
                     "--lambda-from", spec)
         assert expected in proc.stderr, (spec, proc.stderr)
     assert not out.exists() and not _calls(calls)
@@ -387,30 +387,30 @@ def test_damaged_run_folders(fake_repo, tmp_path):
     folder = report.run_dir(out, "mlp4", "nsr", 0)
     (folder / "config.yaml").write_text("epochs: [unclosed\n")
     before = _snapshot(out)
-    proc = _cli("-m nsr.reproduce", "--repo", str(repo), "--out", str(out), "--models", "mlp4",
+    proc = _cli("-m nsr reproduce", "--repo", str(repo), "--out", str(out), "--models", "mlp4",
                 "--seeds", "1")
     assert f"cannot read {folder / 'config.yaml'}" in proc.stderr and _snapshot(out) == before
     (folder / "config.yaml").write_text("- a list\n")
-    proc = _cli("-m nsr.reproduce", "--repo", str(repo), "--out", str(out), "--models", "mlp4")
+    proc = _cli("-m nsr reproduce", "--repo", str(repo), "--out", str(out), "--models", "mlp4")
     assert "is not a mapping of settings" in proc.stderr
-    # nsr.report: damaged metrics.json, a test error that is not a number, missing or file OUT
+    # python -m nsr report: damaged metrics.json, a test error that is not a number, missing or file OUT
     (folder / "metrics.json").write_text('{"finished": true, "test_err')
     before = _snapshot(out)
-    assert f"cannot read {folder / 'metrics.json'}" in _cli("-m nsr.report", str(out)).stderr
+    assert f"cannot read {folder / 'metrics.json'}" in _cli("-m nsr report", str(out)).stderr
     (folder / "metrics.json").write_text('{"finished": true, "test_error": "low"}')
-    assert "test_error is 'low', not a number" in _cli("-m nsr.report", str(out)).stderr
+    assert "test_error is 'low', not a number" in _cli("-m nsr report", str(out)).stderr
     (folder / "metrics.json").write_text('[]')
-    assert "holds a JSON list" in _cli("-m nsr.report", str(out)).stderr
+    assert "holds a JSON list" in _cli("-m nsr report", str(out)).stderr
     assert _snapshot(out) == {**before, str(folder / "metrics.json"):
                               _snapshot(out)[str(folder / "metrics.json")]}
-    assert "does not exist" in _cli("-m nsr.report", str(tmp_path / "nowhere")).stderr
-    assert "is not a folder" in _cli("-m nsr.report", str(folder / "metrics.json")).stderr
-    assert "no runs in" in _cli("-m nsr.report", str(tmp_path / "repo")).stderr
-    assert "no runs for mlp9" in _cli("-m nsr.report", str(out), "--models", "mlp9").stderr
-    assert "required: OUT" in _cli("-m nsr.report").stderr
+    assert "does not exist" in _cli("-m nsr report", str(tmp_path / "nowhere")).stderr
+    assert "is not a folder" in _cli("-m nsr report", str(folder / "metrics.json")).stderr
+    assert "no runs in" in _cli("-m nsr report", str(tmp_path / "repo")).stderr
+    assert "no runs for mlp9" in _cli("-m nsr report", str(out), "--models", "mlp9").stderr
+    assert "required: OUT" in _cli("-m nsr report").stderr
     # a file where a run folder belongs
     (out / "mlp6").write_text("not a folder")
-    proc = _cli("-m nsr.reproduce", "--repo", str(repo), "--out", str(out), "--models", "mlp6")
+    proc = _cli("-m nsr reproduce", "--repo", str(repo), "--out", str(out), "--models", "mlp6")
     assert f"{out / 'mlp6'} is a file, where the run folder" in proc.stderr
 
 
@@ -428,7 +428,7 @@ def test_real_digits_runs_skip_and_rerun(tmp_path, capsys):
     for path in metrics:
         m = json.loads(path.read_text())
         assert m["finished"] is True and len(m["history"]) == 2
-        assert m["nsr"] == ("/nsr/" in path.as_posix())
+        assert m["regularizer"] == ("nsr" if "/nsr/" in path.as_posix() else "none")
     rows = (out / "table.csv").read_text().splitlines()
     assert rows[0] == "Model,MLP-4" and rows[1].startswith("Vanilla,") and "±" in rows[1]
     assert (out / "curves.png").exists()

@@ -1,4 +1,4 @@
-"""NNI search: nsr.nni_trial outside/inside a trial, configs/nni/*.yml, and real NNI experiments.
+"""NNI search: nsr.search.trial outside/inside a trial, configs/nni/*.yml, and real NNI experiments.
 
 The experiments are real: NNI's manager (Node.js), its TPE tuner and fdnn_nsr.py trials on the
 bundled `digits` set. Each runs with HOME and NNI's experiment directory inside tmp_path, on a
@@ -58,7 +58,7 @@ def _leftovers(marker: str) -> list[str]:
 
 
 def _search_cmd(tmp_path: Path, *extra: str, config: str = "configs/nni/mlp4.yml") -> list[str]:
-    return [PY, "-m", "nsr.search", config, "--port", str(_free_port()),
+    return [PY, "-m", "nsr", "search", config, "--port", str(_free_port()),
             "--out", str(tmp_path / "out"), "--experiment-dir", str(tmp_path / "nni"), *extra]
 
 
@@ -98,7 +98,7 @@ def _assert_no_leftovers(tmp_path: Path, exp_id: str | None) -> None:
 def test_nni_trial_outside_nni_is_silent_and_does_not_import_nni(tmp_path):
     code = (
         "import sys\n"
-        "from nsr import nni_trial as t\n"
+        "from nsr.search import trial as t\n"
         "assert t.in_trial() is False\n"
         "assert t.get_trial_parameters() is None\n"
         "t.report_intermediate(50.0)\n"
@@ -123,7 +123,7 @@ def test_nni_trial_outside_nni_is_silent_and_does_not_import_nni(tmp_path):
     ({"NNI_PLATFORM": "remote", "NNI_TRIAL_JOB_ID": "abc"}, True),
 ])
 def test_in_trial_reads_nni_environment(monkeypatch, env, expected):
-    from nsr import nni_trial
+    from nsr.search import trial as nni_trial
 
     for key in ("NNI_PLATFORM", "NNI_TRIAL_JOB_ID"):
         monkeypatch.delenv(key, raising=False)
@@ -147,7 +147,7 @@ def fake_nni(monkeypatch):
 
 
 def test_nni_trial_inside_trial_uses_nni(fake_nni):
-    from nsr import nni_trial
+    from nsr.search import trial as nni_trial
 
     assert nni_trial.in_trial()
     assert nni_trial.get_trial_parameters() == {"lambda": 0.25, "queue_batches": 5}
@@ -158,8 +158,8 @@ def test_nni_trial_inside_trial_uses_nni(fake_nni):
 
 
 def test_nni_trial_never_reports_nan(fake_nni):
-    from nsr import nni_trial
-    from nsr.errors import UserError
+    from nsr.search import trial as nni_trial
+    from nsr.train.errors import UserError
 
     with pytest.raises(UserError, match="validation accuracy"):
         nni_trial.report_intermediate(float("nan"))
@@ -175,7 +175,7 @@ def test_nni_trial_never_reports_nan(fake_nni):
 def test_nni_config_is_valid_and_points_at_the_right_script(name, tmp_path, monkeypatch):
     from nni.experiment.config import ExperimentConfig
 
-    from nsr.config import key_names, parse_args
+    from nsr.train.config import key_names, parse_args
 
     monkeypatch.chdir(tmp_path)  # relative paths must resolve against the YAML's folder, not cwd
     config = ExperimentConfig.load(str(REPO / "configs" / "nni" / f"{name}.yml"))
@@ -204,10 +204,10 @@ def test_nni_config_is_valid_and_points_at_the_right_script(name, tmp_path, monk
     monkeypatch.chdir(REPO)
     cfg = parse_args([a.replace("$NNI_OUTPUT_DIR", str(tmp_path)) for a in argv[2:]])
     assert cfg.model == name.split("_")[0]
-    assert cfg.nsr and cfg.nsr_layers
+    assert (cfg.regularizer != "none") and cfg.nsr_layers
 
 
-# ------------------------------------------------------------------------------ nsr.search errors
+# ------------------------------------------------------------------------------ python -m nsr search errors
 
 @pytest.mark.parametrize("setup, args, message", [
     (None, ["missing.yml"], "not found"),
@@ -222,7 +222,7 @@ def test_search_bad_input_is_one_line(tmp_path, setup, args, message):
     if setup is not None:
         cfg.write_text(setup)
     args = [a.format(cfg=cfg) for a in args]
-    r = subprocess.run([PY, "-m", "nsr.search", *args, "--port", "0", "--out", str(tmp_path / "out"),
+    r = subprocess.run([PY, "-m", "nsr", "search", *args, "--port", "0", "--out", str(tmp_path / "out"),
                         "--experiment-dir", str(tmp_path / "nni")],
                        cwd=REPO, env=_clean_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
@@ -245,7 +245,7 @@ def test_search_space_the_tuner_cannot_use_is_refused_before_nni_starts(tmp_path
     # for maxExperimentDuration (48 h)
     cfg = _config_with(tmp_path, searchSpace={"lambda": spec})
     start = time.time()
-    r = subprocess.run([PY, "-m", "nsr.search", str(cfg), "--port", "0", "--out", str(tmp_path / "out"),
+    r = subprocess.run([PY, "-m", "nsr", "search", str(cfg), "--port", "0", "--out", str(tmp_path / "out"),
                         "--experiment-dir", str(tmp_path / "nni")],
                        cwd=REPO, env=_clean_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stdout + r.stderr
@@ -262,7 +262,7 @@ def test_search_port_in_use_is_one_line(tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        r = subprocess.run([PY, "-m", "nsr.search", "configs/nni/mlp4.yml", "--port", str(port),
+        r = subprocess.run([PY, "-m", "nsr", "search", "configs/nni/mlp4.yml", "--port", str(port),
                             "--out", str(tmp_path / "out"), "--experiment-dir", str(tmp_path / "nni")],
                            cwd=REPO, env=_clean_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
@@ -271,11 +271,11 @@ def test_search_port_in_use_is_one_line(tmp_path):
 
 
 def test_search_without_gpu_refuses_gpu_config(tmp_path):
-    from nsr.nni_workarounds import visible_gpu_count
+    from nsr.search.workarounds import visible_gpu_count
 
     if visible_gpu_count() not in (0,):
         pytest.skip("a GPU is visible (or NVML is missing): nothing to refuse")
-    r = subprocess.run([PY, "-m", "nsr.search", "configs/nni/resnet18_cifar10.yml", "--port", "0",
+    r = subprocess.run([PY, "-m", "nsr", "search", "configs/nni/resnet18_cifar10.yml", "--port", "0",
                         "--gpu-indices", "0",
                         "--out", str(tmp_path / "out"), "--experiment-dir", str(tmp_path / "nni")],
                        cwd=REPO, env=_clean_env(tmp_path), capture_output=True, text=True, timeout=120)
@@ -290,7 +290,7 @@ def test_search_refuses_filelock_that_hangs_nni(tmp_path):
     (fake / "METADATA").write_text("Metadata-Version: 2.1\nName: filelock\nVersion: 3.12.0\n")
     env = _clean_env(tmp_path)
     env["PYTHONPATH"] = str(tmp_path / "site") + os.pathsep + env["PYTHONPATH"]
-    r = subprocess.run([PY, "-m", "nsr.search", "configs/nni/mlp4.yml", "--port", "0",
+    r = subprocess.run([PY, "-m", "nsr", "search", "configs/nni/mlp4.yml", "--port", "0",
                         "--out", str(tmp_path / "out"), "--experiment-dir", str(tmp_path / "nni")],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
@@ -299,7 +299,7 @@ def test_search_refuses_filelock_that_hangs_nni(tmp_path):
 
 
 def test_no_trial_note_names_the_gpu_wait(tmp_path):
-    from nsr.nni_workarounds import no_trial_note as _no_trial_note
+    from nsr.search.workarounds import no_trial_note as _no_trial_note
 
     log = tmp_path / "log" / "nnimanager.log"
     log.parent.mkdir()
@@ -437,7 +437,7 @@ def test_search_dead_tuner_ends_the_search_in_one_line(tmp_path, tuner, message)
     (code / "broken_tuner.py").write_text(_BROKEN_TUNER)
     cfg = _config_with(tmp_path, tuner={"codeDirectory": str(code), "className": f"broken_tuner.{tuner}"})
     start = time.time()
-    r = subprocess.run([PY, "-m", "nsr.search", str(cfg), "--port", str(_free_port()), "--poll", "1",
+    r = subprocess.run([PY, "-m", "nsr", "search", str(cfg), "--port", str(_free_port()), "--poll", "1",
                         "--out", str(tmp_path / "out"), "--experiment-dir", str(tmp_path / "nni"),
                         "--trial-args", QUICK],
                        cwd=REPO, env=_clean_env(tmp_path), capture_output=True, text=True, timeout=180)
@@ -479,7 +479,7 @@ def test_two_searches_in_a_row_on_the_same_port(tmp_path):
                 with pytest.raises(OSError):
                     s.bind(("127.0.0.1", port))
         out = tmp_path / run
-        r = subprocess.run([PY, "-m", "nsr.search", "configs/nni/mlp4.yml", "--port", str(port),
+        r = subprocess.run([PY, "-m", "nsr", "search", "configs/nni/mlp4.yml", "--port", str(port),
                             "--max-trials", "1", "--trial-args", QUICK, "--out", str(out),
                             "--experiment-dir", str(tmp_path / "nni")],
                            cwd=REPO, env=_clean_env(tmp_path), capture_output=True, text=True,

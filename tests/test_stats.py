@@ -1,10 +1,10 @@
-"""nsr.stats against numbers worked out by hand (arithmetic in the comments)."""
+"""nsr.experiments.stats against numbers worked out by hand (arithmetic in the comments)."""
 
 import math
 
 import pytest
 
-from nsr import stats
+from nsr.experiments import stats
 
 
 def test_mean_and_sample_std():

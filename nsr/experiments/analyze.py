@@ -1,7 +1,7 @@
 """Which layer to regularize: neuron intra-class response variance, layer by layer.
 
-    python -m nsr.analyze --config configs/mlp4.yaml --dataset digits          # short warm-up first
-    python -m nsr.analyze --checkpoint runs/vanilla/best.pt --compare runs/nsr/best.pt --out DIR
+    python -m nsr analyze --config configs/mlp4.yaml --dataset digits          # short warm-up first
+    python -m nsr analyze --checkpoint runs/vanilla/best.pt --compare runs/nsr/best.pt --out DIR
 
 For every candidate layer (Linear and activation layers of MLPs; stem activation, stages,
 residual/conv blocks, pooling and classifier of CNNs) the layer's output is flattened to neurons
@@ -31,19 +31,28 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import _Parser as ArgumentParser
-from .errors import UserError, one_line, run_cli
-from .fileio import write_json
-from .layer_variance import candidate_layers, layer_variances, suggest_layer, summarize_layers
-from .stats import json_safe
+from nsr.train.batches import TensorBatches
+from nsr.train.build import build_checked_model, setup_runtime
+from nsr.train.checkpoint import load_checkpoint
+from nsr.train.config import Config, apply_overrides, from_dict, load_yaml, validate
+from nsr.train.data import load_data
+from nsr.train.engine import train
+from nsr.train.errors import ArgumentParser, UserError, one_line, run_cli
+from nsr.train.fileio import write_json
 
+from .layer_variance import (
+    candidate_layers,
+    layer_variances,
+    suggest_layer,
+    summarize_layers,
+)
+from .report import check_writable, nonempty, path_arg, plot_histogram, print_variance
+from .stats import json_safe
 
 # ------------------------------------------------------------------------------- checkpoints and data
 
 def read_checkpoint(path: str):
     """(checkpoint, the Config it was trained with); UserError for anything else."""
-    from .checkpoint import load_checkpoint
-    from .config import from_dict
 
     if os.path.isdir(path):
         raise UserError(f"{path} is a folder; give a checkpoint file (a run's best.pt or last.pt)")
@@ -61,9 +70,7 @@ def read_checkpoint(path: str):
 def load_model(path: str, state: dict | None, cfg, data, device) -> nn.Module:
     """The model of `cfg` for the data's classes and input shape, with the checkpoint's weights
     (none: fresh weights); UserError when they do not fit (another model or data set)."""
-    from .build import build_checked_model
-
-    model = build_checked_model(dataclasses.replace(cfg, nsr=False), data.num_classes, data.in_shape)
+    model = build_checked_model(dataclasses.replace(cfg, regularizer="none"), data.num_classes, data.in_shape)
     if state is None:
         return model
     # DDP and torch.compile prefix the weights' names with module. and _orig_mod.
@@ -83,8 +90,6 @@ def load_model(path: str, state: dict | None, cfg, data, device) -> nn.Module:
 
 def analysis_batches(data, split: str, batch_size: int):
     """Unshuffled batches of a split, with eval preprocessing (no augmentation) when possible."""
-    from .data import TensorBatches
-
     source = getattr(data, split)
     if isinstance(source, TensorBatches):
         transform = data.val.transform if split == "train" else source.transform
@@ -94,11 +99,9 @@ def analysis_batches(data, split: str, batch_size: int):
 
 def warmup(cfg, epochs: int, out: Path) -> str:
     """Train a vanilla model for a few epochs with the engine; returns its last.pt."""
-    from .engine import train
-
     print(f"warm-up: training vanilla {cfg.model} on {cfg.dataset} for {epochs} epoch(s) -> {out}",
           flush=True)
-    train(dataclasses.replace(cfg, nsr=False, epochs=epochs, out=str(out), overwrite=True,
+    train(dataclasses.replace(cfg, regularizer="none", epochs=epochs, out=str(out), overwrite=True,
                               resume=False, quiet=True, max_steps=None))
     return str(out / "last.pt")
 
@@ -107,16 +110,14 @@ def _label(path: str, cfg) -> str:
     """'vanilla (seed0/best.pt)' or 'NSR out=7.49 (nsr/best.pt)'."""
     lambdas = (f"{n}={v:.3g}" for n, v in zip(cfg.nsr_layers, cfg.lambda_))
     method = "center loss" if cfg.regularizer == "center" else "NSR"
-    what = " ".join([method, *lambdas]) if cfg.nsr else "vanilla"
+    what = " ".join([method, *lambdas]) if cfg.regularizer != "none" else "vanilla"
     return f"{what} ({'/'.join(Path(path).parts[-2:])})"
 
 
 # ------------------------------------------------------------------------------- CLI
 
 def parse_args(argv=None):
-    from .report import nonempty, path_arg
-
-    p = ArgumentParser(prog="python -m nsr.analyze", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m nsr analyze", description=__doc__.splitlines()[0])
     p.add_argument("--config", type=nonempty, help="YAML config (model, data set) of the warm-up "
                    "run; with --checkpoint the checkpoint's saved config is used instead")
     p.add_argument("--checkpoint", type=nonempty, help="model to analyse (default: a warm-up run)")
@@ -148,8 +149,6 @@ def parse_args(argv=None):
 def load_config(args):
     """(Config, checkpoint or None): the checkpoint's config, else --config's, with the command
     line's overrides."""
-    from .config import Config, apply_overrides, load_yaml, validate
-
     state = None
     if args.checkpoint:
         state, cfg = read_checkpoint(args.checkpoint)
@@ -218,9 +217,6 @@ def analyse(args, models: list[tuple[str, nn.Module, object]], data, device) -> 
 def main(argv=None) -> int:
     """Config, device, checkpoints, data and layer names are all checked before the warm-up run
     or any output file is written."""
-    from .build import setup_runtime
-    from .data import load_data
-    from .report import check_writable, plot_histogram, print_variance
 
     args = parse_args(argv)
     cfg, state = load_config(args)

@@ -1,4 +1,4 @@
-"""Neuron intra-class response variance, layer by layer: the measurement behind nsr.analyze.
+"""Neuron intra-class response variance, layer by layer: the measurement behind python -m nsr analyze.
 
 Each candidate layer's output is flattened to B x D neurons (N x C x H x W outputs: one neuron per
 channel, the spatial mean as its response). Over all samples, per neuron j:

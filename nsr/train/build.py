@@ -11,11 +11,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .center_loss import CenterLoss
+from models import build_model, is_mlp
+from nsr.center_loss import CenterLoss
+from nsr.regularizer import NeuronSteadiness
+
 from .config import Config
 from .data import channels_last
 from .errors import UserError, one_line
-from .regularizer import NeuronSteadiness
+
 
 @dataclass
 class Runtime:
@@ -50,8 +53,6 @@ def setup_runtime(cfg: Config) -> Runtime:
 
 
 def set_cpu_threads(cfg: Config, device: torch.device) -> None:
-    from models import is_mlp
-
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     elif device.type == "cpu" and is_mlp(cfg.model):
@@ -64,8 +65,6 @@ def build_checked_model(cfg: Config, num_classes: int, in_shape: tuple) -> nn.Mo
     """The model, after one dry forward of two zero samples: a model that cannot take this data
     (ResNet-50 on 1-channel images, VGG on 8x8) fails here in one line, not in the first step.
     The same forward finds NSR settings that would silently do nothing."""
-    from models import build_model
-
     try:
         model = build_model(cfg.model, num_classes, in_shape, dropout=cfg.dropout)
     except ValueError as e:

@@ -1,10 +1,10 @@
-"""Reports: the results table of nsr.reproduce (rebuilt from its finished run folders) and the
-layer table and histogram of nsr.analyze.
+"""Reports: the results table of python -m nsr reproduce (rebuilt from its finished run folders) and the
+layer table and histogram of python -m nsr analyze.
 
-    python -m nsr.report runs/fmnist-paper                 # every model and variant found there
-    python -m nsr.report runs/fmnist-paper --models mlp4 mlp10
+    python -m nsr report runs/fmnist-paper                 # every model and variant found there
+    python -m nsr report runs/fmnist-paper --models mlp4 mlp10
 
-Reads OUT/<model>/<variant>/seed<S>/metrics.json (the layout nsr.reproduce writes; run folders
+Reads OUT/<model>/<variant>/seed<S>/metrics.json (the layout python -m nsr reproduce writes; run folders
 are only read) and writes
     OUT/table.md, OUT/table.csv   one column per model, one row per variant (test error % as
                                   mean ± sample std over seeds), then the gain and the paired
@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
+from nsr.train.errors import ArgumentParser, UserError, one_line, run_cli
+from nsr.train.fileio import save_png, write_atomic, write_json
+
 from . import stats
-from .config import _Parser as ArgumentParser
-from .errors import UserError, one_line, run_cli
-from .fileio import save_png, write_atomic, write_json
 
 BASELINE = "vanilla"
 # Row labels of the table; a variant not listed here is shown by its folder name.
@@ -278,9 +278,9 @@ def report_folder(out: Path, models: list[str] | None = None) -> str:
     the columns)."""
     out = Path(out)
     if not out.exists():
-        raise UserError(f"{out} does not exist; give the --out folder of nsr.reproduce")
+        raise UserError(f"{out} does not exist; give the --out folder of python -m nsr reproduce")
     if not out.is_dir():
-        raise UserError(f"{out} is not a folder; give the --out folder of nsr.reproduce")
+        raise UserError(f"{out} is not a folder; give the --out folder of python -m nsr reproduce")
     check_writable(out)
     found = discover(out)
     if not found:
@@ -298,11 +298,11 @@ def print_report(out: Path, md: str) -> None:
     print(f"wrote {Path(out) / 'table.md'}, table.csv, summary.json, curves.png")
 
 
-# ------------------------------------------------------------------------------- nsr.analyze
+# ------------------------------------------------------------------------------- python -m nsr analyze
 
 def format_table(rows: list[dict], compare: dict[str, dict] | None = None,
                  suggested: str | None = None) -> str:
-    """nsr.analyze's layer rows as an aligned text table; * marks the suggested layer."""
+    """python -m nsr analyze's layer rows as an aligned text table; * marks the suggested layer."""
     head = ["layer", "kind", "neurons", "intra-class var", "median", "total var", "intra/total"]
     if compare is not None:
         head += ["compare intra", "ratio"]
@@ -362,7 +362,7 @@ def plot_histogram(path: Path, layer: str, series: list[tuple[str, np.ndarray]])
 
 
 def print_variance(report: dict) -> None:
-    """The layer table of nsr.analyze and its suggestion."""
+    """The layer table of python -m nsr analyze and its suggestion."""
     rows, suggested, compare = report["layers"], report["suggested_layer"], report["compare_layers"]
     print(f"\nneuron intra-class variance on the {report['split']} split of {report['dataset']} "
           f"({report['num_samples']} samples), model {report['model']} from {report['checkpoint']}"
@@ -375,8 +375,8 @@ def print_variance(report: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m nsr.report", description=__doc__.splitlines()[0])
-    parser.add_argument("out", type=path_arg, metavar="OUT", help="the --out folder of nsr.reproduce")
+    parser = ArgumentParser(prog="python -m nsr report", description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=path_arg, metavar="OUT", help="the --out folder of python -m nsr reproduce")
     parser.add_argument("--models", nargs="+", metavar="MODEL",
                         help="columns to show, in this order (default: every model in OUT)")
     args = parser.parse_args(argv)

@@ -1,9 +1,11 @@
-"""The one error convention of every entry point (the three scripts, nsr.search, nsr.reproduce,
-nsr.report, nsr.analyze): a problem the user can fix raises UserError, and run_cli turns it into
+"""The one error convention of every entry point (the three scripts, python -m nsr search, python -m nsr reproduce,
+python -m nsr report, python -m nsr analyze): a problem the user can fix raises UserError, and run_cli turns it into
 one line `error: <message>` on stderr and exit code 2, never a traceback."""
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import sys
 from typing import Callable
 
@@ -14,6 +16,19 @@ class UserError(Exception):
 
 class RunInterrupted(Exception):
     """Training stopped on Ctrl-C after saving a resumable checkpoint (the message says where)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors become one-line UserErrors that name the closest flag."""
+
+    def error(self, message):
+        if "unrecognized arguments" in message:
+            flag = message.split(":", 1)[1].split()[0]
+            options = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+            match = difflib.get_close_matches(flag.split("=")[0], options, n=1, cutoff=0.5)
+            hint = f"; did you mean {match[0]}?" if match else "; see --help"
+            raise UserError(f"unknown option {flag}{hint}")
+        raise UserError(message)
 
 
 EXIT_USER_ERROR = 2

@@ -1,4 +1,4 @@
-"""What nsr.search does around NNI 3.0's gaps, one function per problem.
+"""What python -m nsr search does around NNI 3.0's gaps, one function per problem.
 
 Each docstring names the NNI version and the problem, so that a function can be deleted once NNI
 fixes it. nsr/search.py is the launcher (arguments, config, start, wait, best.json); it calls these.
@@ -16,8 +16,9 @@ import sys
 import threading
 from pathlib import Path
 
-from .errors import UserError, one_line
-from .nni_watchdog import end_groups, manager_groups
+from nsr.train.errors import UserError, one_line
+
+from .watchdog import end_groups, manager_groups
 
 GRACEFUL_STOP_S = 30  # NNI stops trials with SIGINT, then SIGKILL after 5 s
 REST_TIMEOUT_S = 10   # NNI's default, 20 s a request, makes a hung manager slow to give up on
@@ -25,7 +26,7 @@ REST_TIMEOUT_S = 10   # NNI's default, 20 s a request, makes a hung manager slow
 
 def silence_stdout_log() -> None:
     """NNI 3.0: importing nni.experiment adds a stdout log handler, which would interleave the
-    manager's chatter with nsr.search's own lines. Its log file keeps everything."""
+    manager's chatter with python -m nsr search's own lines. Its log file keeps everything."""
     import nni.runtime.log as nni_log
 
     nni_log.silence_stdout()
@@ -59,7 +60,7 @@ def require_filelock_below_3_12() -> None:
 
 # Node.js preload for the NNI manager: a server started with only a port listens on HOST.
 _LOOPBACK_JS = r"""'use strict';
-// Written by nsr.search: NNI 3.0 listens on every interface and has no option to change it.
+// Written by python -m nsr search: NNI 3.0 listens on every interface and has no option to change it.
 const net = require('net');
 const host = process.env.NSR_NNI_LISTEN_HOST || '127.0.0.1';
 const listen = net.Server.prototype.listen;
@@ -205,7 +206,7 @@ def check_gpus(config, config_path: str) -> None:
 
 def no_trial_note(exp_dir: Path, gpu_note: str) -> str:
     """NNI 3.0 says nothing while its GPU scheduling holds every trial back (on an H200 machine,
-    trialGpuNumber 1 started no trial within 70 s): the note nsr.search prints when no trial has
+    trialGpuNumber 1 started no trial within 70 s): the note python -m nsr search prints when no trial has
     started after a while, naming the GPU wait when NNI's log shows one."""
     log = exp_dir / "log" / "nnimanager.log"
     try:

@@ -22,7 +22,13 @@ import shutil
 import sys
 
 from .errors import UserError
-from .fileio import process_alive, read_json, remove_stale_temporaries, write_atomic, write_json
+from .fileio import (
+    process_alive,
+    read_json,
+    remove_stale_temporaries,
+    write_atomic,
+    write_json,
+)
 
 RUN_FILES = ("config.yaml", "metrics.json", "history.csv", "last.pt", "best.pt")
 HISTORY_KEYS = ["epoch", "train_loss", "ce_loss", "nsr_loss", "train_acc", "val_acc", "val_top5_acc",

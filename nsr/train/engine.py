@@ -19,10 +19,23 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
-from . import nni_trial
-from .build import (Runtime, amp_dtype, build_checked_model, build_optimizer, build_regularizer,
-                    enough_memory, place_model, set_cpu_threads, setup_runtime)
-from .checkpoint import load_resumable, restore_training_state, save_checkpoint, training_state
+from .build import (
+    Runtime,
+    amp_dtype,
+    build_checked_model,
+    build_optimizer,
+    build_regularizer,
+    enough_memory,
+    place_model,
+    set_cpu_threads,
+    setup_runtime,
+)
+from .checkpoint import (
+    load_resumable,
+    restore_training_state,
+    save_checkpoint,
+    training_state,
+)
 from .config import Config, parse_args, to_dict
 from .console import epoch_line, print_summary, progress
 from .data import load_data
@@ -32,7 +45,21 @@ from .meters import EpochMeter, Position
 from .outdir import OutputFolder, default_out
 from .stopping import StopRequest
 
-__all__ = ["Runtime", "Trainer", "train", "main"]
+__all__ = ["Runtime", "RunHooks", "Trainer", "train", "main"]
+
+
+class RunHooks:
+    """What a caller can attach to a run without the engine knowing it (the NNI trial link,
+    nsr/search/trial.py, is one): each method does nothing here; a subclass overrides what it needs."""
+
+    def configure(self, cfg: Config) -> None:
+        """Called once with the parsed config, before the output folder is touched; may change it."""
+
+    def epoch_end(self, row: dict) -> None:
+        """Called on the main process with each finished epoch's row of metrics.json's history."""
+
+    def run_end(self, metrics: dict) -> None:
+        """Called on the main process with the final metrics of a run that trained to its end."""
 
 
 class TrainingDiverged(UserError):
@@ -58,8 +85,9 @@ def _diverged_message(p: Position, since: int, saved_at: tuple[int, int] | None,
 # ---------------------------------------------------------------------------------- the loop
 
 class Trainer:
-    def __init__(self, cfg: Config, rt: Runtime, folder: OutputFolder | None = None):
+    def __init__(self, cfg: Config, rt: Runtime, folder: OutputFolder | None = None, hooks: RunHooks | None = None):
         self.cfg, self.rt, self.config_dict = cfg, rt, to_dict(cfg)
+        self.hooks = hooks or RunHooks()
         self.folder = folder or OutputFolder(cfg.out, writer=rt.main)
         set_cpu_threads(cfg, rt.device)
         torch.manual_seed(cfg.seed)
@@ -169,7 +197,7 @@ class Trainer:
         self.save("last.pt")
         self.write_metrics(finished=False)
         if self.rt.main:
-            nni_trial.report_intermediate(row["val_acc"])
+            self.hooks.epoch_end(row)
         return row
 
     def fit(self, stop: StopRequest) -> dict:
@@ -244,11 +272,12 @@ def evaluate(trainer: Trainer, batches) -> tuple[float, float]:
 def run_metrics(trainer: Trainer, finished: bool, partial: dict | None = None) -> dict:
     """What metrics.json holds. `partial`: the report of an epoch that --max-steps stopped inside."""
     p, cfg = trainer.pos, trainer.cfg
+    regularized = cfg.regularizer != "none"
     test_acc = p.test_acc if p.test_acc is not None else float("nan")
     test_top5 = p.test_top5_acc if p.test_top5_acc is not None else float("nan")
     return {"model": cfg.model, "dataset": cfg.dataset, "seed": cfg.seed,
-            "nsr": cfg.regularizer == "nsr", "regularizer": cfg.regularizer,
-            "nsr_layers": cfg.nsr_layers if cfg.nsr else [], "lambda": cfg.lambda_ if cfg.nsr else [],
+            "regularizer": cfg.regularizer,
+            "nsr_layers": cfg.nsr_layers if regularized else [], "lambda": cfg.lambda_ if regularized else [],
             "queue_batches": cfg.queue_batches,
             "center_alpha": cfg.center_alpha if cfg.regularizer == "center" else None,
             "label_smoothing": cfg.label_smoothing, "dropout": cfg.dropout,
@@ -263,17 +292,18 @@ def run_metrics(trainer: Trainer, finished: bool, partial: dict | None = None) -
 
 # ---------------------------------------------------------------------------------- entry
 
-def train(cfg: Config) -> dict:
+def train(cfg: Config, hooks: RunHooks | None = None) -> dict:
     """Run one training job as configured; returns the final metrics."""
+    hooks = hooks or RunHooks()
     rt = setup_runtime(cfg)
-    nni_trial.apply_trial_parameters(cfg)
+    hooks.configure(cfg)
     cfg.out = cfg.out or default_out(cfg.model, cfg.dataset, cfg.regularizer, cfg.seed)
     folder = OutputFolder(cfg.out, writer=rt.main)
     resume_from = folder.prepare(cfg.resume, cfg.overwrite)
     # Before any data loads: a damaged checkpoint or a changed setting fails in seconds.
     state = load_resumable(resume_from, to_dict(cfg), rt.device) if resume_from else None
     with enough_memory():
-        trainer = Trainer(cfg, rt, folder)
+        trainer = Trainer(cfg, rt, folder, hooks)
     if state is not None:
         trainer.restore(resume_from, state)
         if trainer.done() and folder.finished():
@@ -293,7 +323,7 @@ def train(cfg: Config) -> dict:
             raise type(e)(f"{e}; the previous run in {cfg.out} is kept as it was") from None
         raise
     if rt.main:
-        nni_trial.report_final(metrics["best_val_acc"], metrics["test_acc"])
+        hooks.run_end(metrics)
         print_summary(metrics, cfg.out)
     return metrics
 
@@ -314,12 +344,12 @@ def _interrupted(trainer: Trainer) -> RunInterrupted:
 
 
 def main(default_config: str | None = None, defaults: dict | None = None, description: str = "",
-         argv: list[str] | None = None) -> None:
+         argv: list[str] | None = None, hooks: RunHooks | None = None) -> None:
     """Entry point of the scripts: parse, train, and turn user errors into one line."""
     def run():
         cfg = parse_args(argv, default_config=default_config, defaults=defaults, description=description)
         try:
-            train(cfg)
+            train(cfg, hooks)
         finally:
             if dist.is_available() and dist.is_initialized():
                 # Free the trainer's DDP wrapper, which holds the group, first: a group still held

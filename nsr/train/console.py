@@ -21,7 +21,7 @@ def epoch_line(row: dict, epochs: int) -> str:
 
 
 def print_summary(m: dict, out: str) -> None:
-    method = m.get("regularizer", "nsr" if m["nsr"] else "none")
+    method = m["regularizer"]
     names = {"nsr": "NSR", "center": f"center loss (alpha {m.get('center_alpha')})"}
     kind = f"{names[method]} {dict(zip(m['nsr_layers'], m['lambda']))}" if method in names else "vanilla"
     extras = [f"{k.replace('_', ' ')} {m[k]}" for k in ("label_smoothing", "dropout") if m.get(k)]

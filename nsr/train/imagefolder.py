@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD
-from .data import Data, LoaderBatches, check_batch_size, split, validation_size
+from .batches import Data, LoaderBatches, check_batch_size, split, validation_size
 from .errors import UserError, one_line
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")

@@ -1,7 +1,7 @@
 """Search the NSR weight lambda (and friends) with NNI, the way the paper chose it.
 
-    python -m nsr.search configs/nni/mlp4.yml
-    python -m nsr.search configs/nni/mlp4.yml --max-trials 2 --trial-args "--dataset digits --epochs 1"
+    python -m nsr search configs/nni/mlp4.yml
+    python -m nsr search configs/nni/mlp4.yml --max-trials 2 --trial-args "--dataset digits --epochs 1"
 
 Loads an NNI v2 experiment config (configs/nni/*.yml), checks it (search space included) before
 anything starts, starts the experiment with NNI's Python API, prints each finished trial and the
@@ -13,7 +13,7 @@ default, every interface).
 
 This file is the launcher; what it does around NNI 3.0's gaps is in nsr/nni_workarounds.py.
 The tuner maximises the trials' "default" metric, the best validation accuracy; the test accuracy
-only rides along (see nsr/nni_trial.py).
+only rides along (see nsr/search/trial.py).
 """
 
 from __future__ import annotations
@@ -29,10 +29,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import nni_workarounds as nw
-from .errors import UserError, one_line, run_cli
-from .fileio import write_json
-from .search_config import field, load_config
+from nsr.train.errors import ArgumentParser, UserError, one_line, run_cli
+from nsr.train.fileio import write_json
+
+from . import workarounds as nw
+from .nni_config import field, load_config
 
 TERMINAL = ("SUCCEEDED", "FAILED", "USER_CANCELED", "SYS_CANCELED", "EARLY_STOPPED")
 DEFAULT_PORT = 8080
@@ -353,14 +354,9 @@ def _wait(exp, exp_dir: Path, records: dict[str, dict[str, Any]], poll: float,
 # ---------------------------------------------------------------------------------------------
 # command line
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, like every other error (run_cli)
-        raise UserError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="python -m nsr.search",
+    p = ArgumentParser(
+        prog="python -m nsr search",
         description="Run an NNI search (configs/nni/*.yml) to its end and report the best trial.")
     p.add_argument("config", help="NNI v2 experiment config, e.g. configs/nni/mlp4.yml")
     p.add_argument("--max-trials", type=int, metavar="N", help="override maxTrialNumber")

@@ -1,6 +1,6 @@
 """Reproduce the paper's results table: every model x variant x seed as one training run.
 
-    python -m nsr.reproduce --models mlp3 mlp4 mlp6 mlp8 mlp10 --seeds 5 \\
+    python -m nsr reproduce --models mlp3 mlp4 mlp6 mlp8 mlp10 --seeds 5 \\
         --dataset fashion-mnist --data-dir data --out runs/table
 
 Three steps:
@@ -13,8 +13,8 @@ Three steps:
           saved config.yaml differs from what the command would train is refused.
   run     the runs not finished, --jobs at a time, stdout/stderr in OUT/logs/. A failed run
           is reported with the tail of its stderr and the others go on; exit status 1.
-  report  nsr.report: OUT/table.md, table.csv, summary.json, curves.png
-          (`python -m nsr.report OUT` rebuilds them; so does --table-only).
+  report  python -m nsr report: OUT/table.md, table.csv, summary.json, curves.png
+          (`python -m nsr report OUT` rebuilds them; so does --table-only).
 
 A variant is a name (its folder, its row in the table) and the flags that make it: VARIANTS.
 A baseline or a sensitivity-sweep point is one more entry, for example
@@ -29,22 +29,23 @@ import math
 import os
 import shlex
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
+from models import is_mlp
+from nsr.train.config import parse_args as parse_config
+from nsr.train.config import to_dict
+from nsr.train.errors import (
+    ArgumentParser,
+    RunInterrupted,
+    UserError,
+    one_line,
+    run_cli,
+)
+
 from . import report
-from .config import _Parser as ArgumentParser
-from .errors import RunInterrupted, UserError, one_line, run_cli
-from .runner import print_failures, run_all
+from .runner import Run, Variant, print_failures, run_all
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-@dataclass(frozen=True)
-class Variant:
-    name: str                      # folder under OUT/<model>/ and row label in the table
-    flags: tuple[str, ...] = ()    # training flags, after the config's and --lambda-from's
-    nsr: bool = True               # --nsr / --no-nsr; --lambda-from applies to NSR variants
+REPO = Path(__file__).resolve().parents[2]  # nsr/experiments/ -> the repository
 
 
 VARIANTS = (Variant("vanilla", nsr=False), Variant("nsr"))
@@ -55,22 +56,10 @@ EXECUTION_KEYS = {"out", "data_dir", "device", "workers", "threads", "channels_l
                   "eval_batch_size", "resume", "overwrite", "quiet"}
 # NSR settings mean nothing for a run without NSR.
 NSR_KEYS = {"nsr_layers", "lambda", "queue_batches", "active_only", "per_channel"}
-# Flags nsr.reproduce sets itself, per run.
-RESERVED_FLAGS = {"--config", "--out", "--seed", "--resume", "--overwrite", "--nsr", "--no-nsr"}
+# Flags python -m nsr reproduce sets itself, per run.
+RESERVED_FLAGS = {"--config", "--out", "--seed", "--resume", "--overwrite", "--regularizer"}
 
 
-@dataclass
-class Run:
-    model: str
-    variant: Variant
-    seed: int
-    folder: Path
-    command: list[str]
-    state: str = "new"   # new | finished | resumable | stale
-
-    @property
-    def label(self) -> str:
-        return f"{self.model} {self.variant.name:<7} seed {self.seed}"
 
 
 # ------------------------------------------------------------------------------- planning
@@ -86,7 +75,7 @@ def search_result_flags(path: str) -> list[str]:
     params = data.get("parameters", data) if isinstance(data, dict) else None
     if not isinstance(params, dict) or params.get("lambda") is None:
         raise UserError(f"--lambda-from {path}: no parameters.lambda (expected a best.json of "
-                        "nsr.search: {\"parameters\": {\"lambda\": ...}})")
+                        "python -m nsr search: {\"parameters\": {\"lambda\": ...}})")
     flags: list[str] = []
     for key, value in params.items():
         if key == "lambda" and isinstance(value, str):
@@ -131,7 +120,7 @@ def training_command(args, model: str, variant: Variant, seed: int, searched: li
     script = "fdnn_nsr.py" if args.mlp[model] else "cnn_nsr.py"
     cmd = [args.python, str(repo / script), "--config", str(repo / "configs" / f"{model}.yaml"),
            "--seed", str(seed), "--out", str(report.run_dir(args.out, model, variant.name, seed)),
-           "--quiet", "--nsr" if variant.nsr else "--no-nsr"]
+           "--quiet", "--regularizer", "nsr" if variant.nsr else "none"]
     for flag, value in (("--dataset", args.dataset), ("--data-dir", args.data_dir),
                         ("--epochs", args.epochs)):
         if value is not None:
@@ -141,9 +130,8 @@ def training_command(args, model: str, variant: Variant, seed: int, searched: li
 
 def wanted_settings(command: list[str], label: str) -> dict:
     """The config the training script will build from `command`, as YAML keys."""
-    from .config import parse_args, to_dict
     try:
-        return to_dict(parse_args(command[2:]))
+        return to_dict(parse_config(command[2:]))
     except UserError as e:
         raise UserError(f"{label}: {e}") from None
 
@@ -206,7 +194,7 @@ def plan(args, variants=VARIANTS) -> list[Run]:
 # ------------------------------------------------------------------------------- command line
 
 def parse_args(argv=None):
-    p = ArgumentParser(prog="python -m nsr.reproduce", description="Train every variant of each "
+    p = ArgumentParser(prog="python -m nsr reproduce", description="Train every variant of each "
                        "model over several seeds and build the paper's table.")
     p.add_argument("--models", nargs="+", metavar="MODEL", type=report.nonempty,
                    help="config names under configs/ (mlp3 ... mlp10, resnet18_cifar10, vgg19_cifar10); "
@@ -218,12 +206,12 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, type=report.path_arg, help="output folder (runs, logs, tables)")
     p.add_argument("--epochs", type=int, help="override the configs' epochs")
     p.add_argument("--lambda-from", nargs="+", metavar="[MODEL=]FILE", type=report.nonempty,
-                   help="λ (and the other searched parameters) for NSR runs from an nsr.search "
+                   help="λ (and the other searched parameters) for NSR runs from an python -m nsr search "
                         "best.json; FILE for every model, MODEL=FILE for one (default: the configs' λ)")
     p.add_argument("--extra", default="", help='extra flags for every run, e.g. "--max-steps 50"')
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once (default 1)")
     p.add_argument("--fail-fast", action="store_true", help="start no new run after a failure")
-    p.add_argument("--table-only", action="store_true", help="only rebuild the report (= nsr.report OUT)")
+    p.add_argument("--table-only", action="store_true", help="only rebuild the report (= python -m nsr report OUT)")
     p.add_argument("--dry-run", action="store_true", help="print what would run, train nothing")
     p.add_argument("--python", default=sys.executable, help=argparse.SUPPRESS)
     p.add_argument("--repo", type=Path, default=REPO, help=argparse.SUPPRESS)
@@ -252,7 +240,7 @@ def check_args(args) -> None:
         raise UserError(f"--extra {args.extra!r}: {e}") from None
     reserved = sorted({f.split("=")[0] for f in args.extra} & RESERVED_FLAGS)
     if reserved:
-        raise UserError(f"--extra must not set {', '.join(reserved)}: nsr.reproduce sets them per run")
+        raise UserError(f"--extra must not set {', '.join(reserved)}: python -m nsr reproduce sets them per run")
     if args.data_dir is not None and Path(args.data_dir).is_file():
         raise UserError(f"--data-dir {args.data_dir} is a file; give the data folder")
     if not os.access(args.python, os.X_OK) or os.path.isdir(args.python):
@@ -262,8 +250,6 @@ def check_args(args) -> None:
 
 def model_kinds(models: list[str], repo: Path) -> dict[str, bool]:
     """{config name: is an MLP}; UserError for a name without a readable config."""
-    from models import is_mlp
-    from .config import parse_args as parse_config
 
     configs = repo / "configs"
     missing = [m for m in models if not (configs / f"{m}.yaml").is_file() or "/" in m or m.startswith(".")]

@@ -1,9 +1,9 @@
 """NSR against its nearest relatives, and how sensitive it is to λ and K (issue 14).
 
-    python -m nsr.compare --data-dir /usr/share/datasets/fashion-mnist --out runs/compare --jobs 2
+    python -m nsr compare --data-dir /usr/share/datasets/fashion-mnist --out runs/compare --jobs 2
 
 On the paper's MLP recipe (configs/mlp4.yaml, mlp10.yaml: plain SGD, batch 100, 100 epochs,
-test error at the best validation epoch), three stages of nsr.reproduce runs:
+test error at the best validation epoch), three stages of python -m nsr reproduce runs:
 
   tune    each method's strength on a grid of 5 values: 1 seed (TUNE_SEED, not a final seed),
           TUNE_EPOCHS epochs, so every method gets the same budget. The value with the best
@@ -26,12 +26,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from nsr.train.errors import ArgumentParser, RunInterrupted, UserError, run_cli
+from nsr.train.fileio import save_png, write_atomic, write_json
+
 from . import report, reproduce, stats
-from .config import _Parser as ArgumentParser
-from .errors import RunInterrupted, UserError, run_cli
-from .fileio import save_png, write_atomic, write_json
-from .reproduce import Variant
-from .runner import print_failures, run_all
+from .runner import Variant, print_failures, run_all
 
 MODELS = ("mlp4", "mlp10")
 TUNE_SEED, TUNE_EPOCHS = 100, 30
@@ -47,7 +46,7 @@ class Method:
     label: str
     prefix: tuple[str, ...]      # training flags; the strength is the value of the last one
     grid: tuple[float, ...]
-    nsr: bool = True             # nsr.reproduce's --nsr / --no-nsr
+    nsr: bool = True             # an NSR-based variant (--regularizer nsr first; the prefix may change it)
 
     def variant(self, value: float, name: str | None = None) -> Variant:
         return Variant(name or f"{self.name}_{value:g}", (*self.prefix, f"{value:g}"), self.nsr)
@@ -67,7 +66,7 @@ VANILLA = Variant("vanilla", nsr=False)
 
 
 def stage_runs(args, stage: str, model: str, variants, seeds: int, first_seed: int, epochs: int):
-    """nsr.reproduce's plan for one model: its runs, commands and states."""
+    """python -m nsr reproduce's plan for one model: its runs, commands and states."""
     argv = ["--models", model, "--seeds", str(seeds), "--first-seed", str(first_seed),
             "--out", str(args.out / stage), "--epochs", str(epochs), "--dataset", args.dataset]
     if args.data_dir:
@@ -252,7 +251,7 @@ def plot_sensitivity(path: Path, data: dict) -> None:
 # ------------------------------------------------------------------------------ command line
 
 def parse_args(argv=None):
-    p = ArgumentParser(prog="python -m nsr.compare", description="NSR against center loss, label "
+    p = ArgumentParser(prog="python -m nsr compare", description="NSR against center loss, label "
                        "smoothing and dropout at an equal tuning budget, and NSR's sensitivity to λ and K.")
     p.add_argument("--out", required=True, type=report.path_arg, help="output folder")
     p.add_argument("--data-dir", type=report.nonempty, help="folder of the data set's files")

@@ -1,14 +1,10 @@
-"""The training engine's link to NNI: hyper-parameters in, validation accuracy out.
+"""The link between a training run and NNI: hyper-parameters in, validation accuracy out.
 
-Outside an NNI trial every function here is a silent no-op and `nni` is never imported
-(importing it costs about a second, and its trial API prints a "without runtime" warning).
-
-Inside a trial (started by `nnictl create` or `python -m nsr.search`):
-
-    params = get_trial_parameters()     # e.g. {"lambda": 0.37} from the tuner
-    ...
-    report_intermediate(val_acc)        # every epoch, percent
-    report_final(best_val_acc, test_acc)
+The scripts pass `nni_hooks()` to the engine. Inside a trial (started by `nnictl create` or
+`python -m nsr search`) it is a RunHooks that applies the tuner's parameters to the config,
+reports each epoch's validation accuracy and the final result. Outside a trial it is None and
+`nni` is never imported (importing it costs about a second, and its trial API prints a
+"without runtime" warning). The engine itself knows nothing of NNI.
 
 The final metric is {"default": best_val_acc, "test_acc": test_acc}: the tuner maximises
 "default", the best validation accuracy; the test accuracy is carried along for the record
@@ -21,7 +17,12 @@ import math
 import os
 from typing import Any
 
-__all__ = ["in_trial", "get_trial_parameters", "config_overrides", "apply_trial_parameters", "report_intermediate", "report_final"]
+from nsr.train.config import Config, apply_overrides, validate
+from nsr.train.engine import RunHooks
+from nsr.train.errors import UserError
+
+__all__ = ["in_trial", "nni_hooks", "NNITrial", "get_trial_parameters", "config_overrides", "report_intermediate",
+           "report_final"]
 
 
 def in_trial() -> bool:
@@ -57,19 +58,7 @@ def config_overrides(params: dict[str, Any]) -> dict[str, Any]:
     return overrides
 
 
-def apply_trial_parameters(cfg) -> None:
-    """Under an NNI trial, the tuner's parameters override `cfg` (an nsr.config.Config)."""
-    params = get_trial_parameters()
-    if params:
-        from .config import apply_overrides, validate
-
-        apply_overrides(cfg, config_overrides(params), "NNI parameters")
-        validate(cfg)
-
-
 def _finite(name: str, value: float) -> float:
-    from .errors import UserError  # plain Python, no torch
-
     try:
         value = float(value)
     except (TypeError, ValueError):
@@ -107,3 +96,24 @@ def report_final(best_val_acc: float, test_acc: float | None) -> None:
     if test is not None and not math.isfinite(test):
         test = None
     nni.report_final_result({"default": best, "test_acc": test})
+
+
+class NNITrial(RunHooks):
+    """The engine's hooks inside an NNI trial."""
+
+    def configure(self, cfg: Config) -> None:
+        params = get_trial_parameters()
+        if params:  # the tuner's parameters override the config, and are checked like it
+            apply_overrides(cfg, config_overrides(params), "NNI parameters")
+            validate(cfg)
+
+    def epoch_end(self, row: dict) -> None:
+        report_intermediate(row["val_acc"])
+
+    def run_end(self, metrics: dict) -> None:
+        report_final(metrics["best_val_acc"], metrics["test_acc"])
+
+
+def nni_hooks() -> NNITrial | None:
+    """The hooks to pass to the engine: NNITrial inside an NNI trial, None (nothing) outside."""
+    return NNITrial() if in_trial() else None

@@ -16,8 +16,12 @@ import torch
 
 from .errors import UserError
 from .fileio import atomic_path
+from .meters import Position
 
-FORMAT = "nsr-checkpoint-v1"
+FORMAT = "nsr-checkpoint"
+# The layout of what a checkpoint holds; a change to it (keys, the NSR memory's buffers) bumps it,
+# and a loader refuses any other version in one line rather than guess.
+VERSION = 2
 # Settings that may differ between a run and its resumption; any other change is refused.
 RESUMABLE_CHANGES = {"epochs", "max_steps", "out", "device", "workers", "quiet", "resume",
                      "overwrite", "data_dir", "eval_batch_size"}
@@ -26,7 +30,7 @@ RESUMABLE_CHANGES = {"epochs", "max_steps", "out", "device", "workers", "quiet",
 def save_checkpoint(state: dict, path: str) -> None:
     """Write atomically (see fileio): a crash never leaves a half-written checkpoint under `path`."""
     with atomic_path(path) as tmp:
-        torch.save({"format": FORMAT, **state}, tmp)
+        torch.save({"format": FORMAT, "version": VERSION, **state}, tmp)
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
@@ -42,8 +46,12 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
         raise UserError(f"checkpoint {path} is truncated or not a PyTorch checkpoint "
                         f"({type(e).__name__}); delete it or restore it from a backup") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    if not isinstance(state, dict) or state.get("format") not in (FORMAT, "nsr-checkpoint-v1"):
         raise UserError(f"{path} is not a checkpoint written by this project (no {FORMAT!r} marker)")
+    version = state.get("version", 1)
+    if version != VERSION:
+        raise UserError(f"checkpoint {path} has format version {version!r}, and this code reads version "
+                        f"{VERSION} only; use the version of the project that wrote it, or start a new --out")
     return state
 
 
@@ -78,9 +86,6 @@ def load_resumable(path: str, config: dict, map_location="cpu") -> dict:
     saved = state.get("config")
     if not isinstance(saved, dict):
         raise UserError(f"checkpoint {path} holds no config; it cannot be resumed")
-    # A checkpoint from before the baseline keys trained without them: resuming with one is a change.
-    saved = {"label_smoothing": 0.0, "dropout": 0.0, "center_alpha": 0.5,
-             "regularizer": "nsr" if saved.get("nsr", True) else "none", **saved}
     changed = [k for k in config if k not in RESUMABLE_CHANGES and k in saved and saved[k] != config[k]]
     if changed:
         diffs = ", ".join(f"{k}: {saved[k]!r} -> {config[k]!r}" for k in changed[:4])
@@ -90,7 +95,7 @@ def load_resumable(path: str, config: dict, map_location="cpu") -> dict:
 
 
 def training_state(trainer) -> dict:
-    """The checkpoint of an nsr.engine.Trainer."""
+    """The checkpoint of an nsr.train.engine.Trainer."""
     return {"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
             "scheduler": trainer.scheduler.state_dict(), "scaler": trainer.scaler.state_dict(),
             "nsr": trainer.reg.state_dict() if trainer.reg is not None else {}, "rng": rng_state(),
@@ -99,53 +104,21 @@ def training_state(trainer) -> dict:
 
 
 def restore_training_state(trainer, path: str, state: dict) -> None:
-    """Load `state` (from load_resumable) into an nsr.engine.Trainer; anything that does not fit,
+    """Load `state` (from load_resumable) into an nsr.train.engine.Trainer; anything that does not fit,
     a crafted file included, is one UserError."""
-    from .meters import Position
-
     try:
         trainer.model.load_state_dict(state["model"])
         trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.scheduler.load_state_dict(state["scheduler"])
         trainer.scaler.load_state_dict(state["scaler"])
         if trainer.reg is not None:
-            trainer.reg.load_state_dict(_old_nsr_memory(state["nsr"], getattr(trainer.reg, "active_only", False)))
+            trainer.reg.load_state_dict(state["nsr"])
         set_rng_state(state["rng"])
         trainer.pos = Position.from_state(state["position"])
-        trainer.meter.load_state_dict(state["meter"] if "meter" in state else _old_meter(state["position"]))
+        trainer.meter.load_state_dict(state["meter"])
         if not 0 <= trainer.pos.step <= len(trainer.data.train) or trainer.pos.epoch < 0:
             raise ValueError(f"position epoch {trainer.pos.epoch}, step {trainer.pos.step} lies outside "
                              f"this run's epochs of {len(trainer.data.train)} steps")
     except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:
         detail = " ".join(str(e).split())[:200]  # load_state_dict's messages span several lines
         raise UserError(f"checkpoint {path} does not fit this run ({type(e).__name__}: {detail})") from None
-
-
-def _old_meter(position: dict) -> dict:
-    """Checkpoints written before the meter had its own entry kept its sums in the position."""
-    sums = position.get("sums") or {}
-    return {"losses": sums.get("losses", torch.zeros(3, dtype=torch.float64)),
-            "correct": sums.get("correct", torch.zeros((), dtype=torch.int64)), "seen": position.get("seen", 0)}
-
-
-def _old_nsr_memory(state: dict, active_only: bool) -> dict:
-    """Checkpoints written before NSR's layers shared one memory kept one per layer, memories.N.*,
-    each row [sums | counts]: put the layers' columns side by side as ClassMeanMemory does, sums
-    first, then the counts (one column for all layers, or every layer's under active_only)."""
-    layers = sorted(int(k.split(".")[1]) for k in state if k.startswith("memories.") and k.endswith(".ring"))
-    if not layers:
-        return state
-
-    rings = [state[f"memories.{i}.ring"] for i in layers]
-    widths = [r.shape[-1] // 2 if active_only else r.shape[-1] - 1 for r in rings]
-
-    def fused(buffer: str) -> torch.Tensor:
-        parts = [state[f"memories.{i}.{buffer}"] for i in layers]
-        sums = [t[..., :d] for t, d in zip(parts, widths)]
-        counts = [t[..., d:] for t, d in zip(parts, widths)]
-        return torch.cat(sums + (counts if active_only else counts[:1]), dim=-1)
-
-    new = {k: v for k, v in state.items() if not k.startswith("memories.")}
-    new.update({"memory.ring": fused("ring"), "memory.total": fused("total"), "memory.ptr": state["memories.0.ptr"],
-                "memory.widths": torch.tensor(widths, dtype=torch.long)})
-    return new

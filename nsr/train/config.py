@@ -18,7 +18,10 @@ from typing import Any
 
 import yaml
 
-from .errors import UserError
+from models import MODELS, is_mlp
+
+from .data import DATASETS
+from .errors import ArgumentParser, UserError
 
 _TRUE = {"true", "yes", "1", "on"}
 _FALSE = {"false", "no", "0", "off"}
@@ -45,9 +48,7 @@ class Config:
     gamma: float = 0.1
     augment: str = "none"               # none | crop_flip | crop_flip_cutout | imagenet
     cutout: int = 16
-    # regularizer: nsr | center | none; `nsr: false` is the older spelling of `regularizer: none`
-    regularizer: str = "nsr"
-    nsr: bool = True
+    regularizer: str = "nsr"            # nsr | center | none (vanilla)
     nsr_layers: list[str] = field(default_factory=lambda: ["out"])
     lambda_: list[float] = field(default_factory=lambda: [7.4865])
     queue_batches: int = 5
@@ -99,7 +100,6 @@ HELP = {
     "label_smoothing": "epsilon in [0, 1) of the training cross-entropy",
     "dropout": "dropout rate in [0, 1) after each hidden activation (MLPs only)",
     "queue_batches": "K: recent batches that estimate the class means",
-    "nsr": "use the regularizer (--no-nsr: the same as --regularizer none)",
     "max_steps": "stop after N optimizer steps (smoke tests)",
     "resume": "continue from OUT/last.pt",
     "overwrite": "replace a finished run in OUT",
@@ -197,21 +197,8 @@ def apply_overrides(cfg: Config, values: dict[str, Any], source: str) -> Config:
     return cfg
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors become one-line UserErrors that name the closest flag."""
-
-    def error(self, message):
-        if "unrecognized arguments" in message:
-            flag = message.split(":", 1)[1].split()[0]
-            options = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
-            match = difflib.get_close_matches(flag.split("=")[0], options, n=1, cutoff=0.5)
-            hint = f"; did you mean {match[0]}?" if match else "; see --help"
-            raise UserError(f"unknown option {flag}{hint}")
-        raise UserError(message)
-
-
 def build_parser(description: str = "") -> argparse.ArgumentParser:
-    parser = _Parser(description=description, allow_abbrev=False, argument_default=argparse.SUPPRESS)
+    parser = ArgumentParser(description=description, allow_abbrev=False, argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help=HELP["config"])
     for key, (type_str, default) in _field_types().items():
         flag = "--" + key.replace("_", "-")
@@ -242,11 +229,8 @@ def parse_args(argv: list[str] | None = None, default_config: str | None = None,
 
 def validate(cfg: Config) -> None:
     """Checks that need several keys or value ranges; each failure is one actionable line."""
-    from models import MODELS  # models/ is plain torch; the engine may import it
-
     if cfg.model not in MODELS:
         raise UserError(f"unknown model {cfg.model!r}{_closest(cfg.model, list(MODELS))}")
-    from .data import DATASETS
     if cfg.dataset not in DATASETS:
         raise UserError(f"unknown dataset {cfg.dataset!r}{_closest(cfg.dataset, list(DATASETS))}")
     for key in ("epochs", "batch_size", "eval_batch_size", "queue_batches", "fake_size"):
@@ -280,7 +264,7 @@ def validate(cfg: Config) -> None:
     if cfg.regularizer != "none":
         if not cfg.nsr_layers:
             raise UserError("nsr is on but nsr_layers is empty; name a layer (e.g. --nsr-layers out) "
-                            "or train vanilla with --no-nsr")
+                            "or train vanilla with --regularizer none")
         for lam in cfg.lambda_:
             if not math.isfinite(lam) or lam < 0:
                 raise UserError(f"lambda must be finite and >= 0, got {lam}")
@@ -295,13 +279,7 @@ def validate(cfg: Config) -> None:
 
 
 def _check_baselines(cfg: Config) -> None:
-    """The regularizer and the other baselines (issue 14). `nsr: false` means no regularizer."""
-    if not cfg.nsr:
-        if cfg.regularizer == "center":
-            raise UserError("nsr is false (--no-nsr, or fdnn_vanilla.py) but regularizer is center; "
-                            "drop nsr: false / --no-nsr, or set regularizer none")
-        cfg.regularizer = "none"
-    cfg.nsr = cfg.regularizer != "none"
+    """The regularizer and the other baselines (issue 14)."""
     if cfg.regularizer == "center" and (cfg.active_only or cfg.per_channel):
         raise UserError("active_only and per_channel are NSR options; center loss takes neither: "
                         "drop them or use --regularizer nsr")
@@ -311,7 +289,6 @@ def _check_baselines(cfg: Config) -> None:
         value = getattr(cfg, key)
         if not (math.isfinite(value) and 0 <= value < 1):
             raise UserError(f"{key} must lie in [0, 1) (0: off), got {value}")
-    from models import is_mlp
     if cfg.dropout and not is_mlp(cfg.model):
         raise UserError(f"dropout is for the MLPs only; model {cfg.model} has none: set dropout to 0")
 

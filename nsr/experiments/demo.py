@@ -9,18 +9,18 @@ from __future__ import annotations
 import os
 import time
 
-from .config import _Parser as ArgumentParser
-from .config import parse_args
-from .errors import UserError, run_cli
+from nsr.train.config import parse_args
+from nsr.train.engine import train
+from nsr.train.errors import ArgumentParser, UserError, run_cli
+
 from .report import check_writable, path_arg
 from .stats import format_gain, format_mean_std, mean_std, relative_gain
 
-CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                      "mlp4_digits.yaml")
+CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs", "mlp4_digits.yaml")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = ArgumentParser(prog="python -m nsr.demo", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m nsr demo", description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5, help="seeds per variant (default 5)")
     parser.add_argument("--out", type=path_arg, default=os.path.join("runs", "demo"),
                         help="folder of the runs (default runs/demo); demo runs there are replaced")
@@ -28,7 +28,6 @@ def main(argv: list[str] | None = None) -> None:
     if not 1 <= args.seeds <= 100:
         raise UserError(f"--seeds must be between 1 and 100, got {args.seeds}")
     check_writable(args.out, "--out")
-    from .engine import train  # after the arguments are checked: importing torch takes seconds
 
     start = time.perf_counter()
     errors: dict[str, list[float]] = {"Vanilla": [], "Vanilla + NSR": []}
@@ -36,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
         for label, nsr in (("Vanilla", False), ("Vanilla + NSR", True)):
             kind = "nsr" if nsr else "vanilla"
             cfg = parse_args(["--seed", str(seed), "--out", str(args.out / f"{kind}-s{seed}"),
-                              "--overwrite", "--quiet", "--nsr" if nsr else "--no-nsr"],
+                              "--overwrite", "--quiet", "--regularizer", kind if nsr else "none"],
                              default_config=CONFIG)
             metrics = train(cfg)
             errors[label].append(metrics["test_error"])

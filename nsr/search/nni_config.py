@@ -1,4 +1,4 @@
-"""The NNI experiment config nsr.search runs: configs/nni/*.yml read with NNI's own loader, the
+"""The NNI experiment config python -m nsr search runs: configs/nni/*.yml read with NNI's own loader, the
 command line's overrides applied (--max-trials, --trial-args, --gpu-indices, --cpu, ...), and
 every check that can be made before NNI starts, the search space included."""
 
@@ -8,8 +8,9 @@ import argparse
 import shlex
 from pathlib import Path
 
-from . import nni_workarounds as nw
-from .errors import UserError, one_line
+from nsr.train.errors import UserError, one_line
+
+from . import workarounds as nw
 
 
 def _read_yaml(p: Path, path: str) -> None:
@@ -58,7 +59,7 @@ def load_config(path: str, args: argparse.Namespace):
         raise UserError(f"NNI config {path!r} has no trainingService; add "
                         "`trainingService: {platform: local}`")
     if platform != "local":
-        raise UserError(f"NNI config {path!r}: nsr.search runs the local training service only; "
+        raise UserError(f"NNI config {path!r}: python -m nsr search runs the local training service only; "
                         "use nnictl for other platforms")
     command = field(config, "trial_command")
     if not command:

@@ -1,5 +1,5 @@
-"""Running planned training runs as subprocesses, --jobs at a time, with progress lines and logs
-(the `run` step of nsr.reproduce)."""
+"""Planned training runs (Variant, Run) and running them as subprocesses, --jobs at a time, with
+progress lines and logs (the `run` step of python -m nsr reproduce and python -m nsr compare)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,34 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+from nsr.train.errors import UserError
 
 from . import report
-from .errors import UserError
 
-if TYPE_CHECKING:
-    from .reproduce import Run
+
+@dataclass(frozen=True)
+class Variant:
+    name: str                      # folder under OUT/<model>/ and row label in the table
+    flags: tuple[str, ...] = ()    # training flags, after the config's and --lambda-from's
+    nsr: bool = True               # --regularizer nsr / none; --lambda-from applies to NSR variants
+
+
+
+@dataclass
+class Run:
+    model: str
+    variant: Variant
+    seed: int
+    folder: Path
+    command: list[str]
+    state: str = "new"   # new | finished | resumable | stale
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} {self.variant.name:<7} seed {self.seed}"
 
 
 def _hms(seconds: float) -> str:

@@ -1,0 +1,1 @@
+"""The lab's tools: reproduce, compare, report, analyze, stats, demo."""

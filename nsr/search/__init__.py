@@ -1,0 +1,1 @@
+"""The λ search with NNI: launcher, experiment config, trial link, workarounds."""

@@ -1,0 +1,1 @@
+"""The training lab: config, data, engine loop, checkpoints, output folder."""
