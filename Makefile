@@ -1,5 +1,5 @@
 # Two commands for a fresh machine; each makes the virtual environment when it is missing.
-#   make demo   MLP-4 vanilla vs MLP-4 + NSR on scikit-learn's digits (no download), < 2 min on 2 cores
+#   make demo   MLP-4 vanilla vs MLP-4 + NSR on scikit-learn's digits (no download), 1-2 min on 2 cores
 #   make test   the test suite
 PY ?= python3
 VENV := .venv

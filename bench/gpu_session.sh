@@ -11,7 +11,7 @@
 #   tests.txt      the CUDA tests: NSR against the naive reference on CUDA, labels, memory moving
 #                  to the GPU, tensor augmentation, the CNNs, a bf16 + channels_last run that resumes
 #   smoke.txt      fdnn_nsr.py and cnn_nsr.py on fake data on the GPU
-# Record the figures and the GPU in the README's Speed section.
+# Record the figures and the GPU in docs/speed.md.
 set -u
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-runs/gpu}}

@@ -1,5 +1,6 @@
-"""Reports: the results table of python -m nsr reproduce (rebuilt from its finished run folders) and the
-layer table and histogram of python -m nsr analyze.
+"""Reports: the results table of `python -m nsr reproduce`, and the layer table of `python -m nsr analyze`.
+
+The results table is rebuilt from reproduce's finished run folders; analyze's table comes with a histogram.
 
     python -m nsr report runs/fmnist-paper                 # every model and variant found there
     python -m nsr report runs/fmnist-paper --models mlp4 mlp10

@@ -206,7 +206,7 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, type=report.path_arg, help="output folder (runs, logs, tables)")
     p.add_argument("--epochs", type=int, help="override the configs' epochs")
     p.add_argument("--lambda-from", nargs="+", metavar="[MODEL=]FILE", type=report.nonempty,
-                   help="λ (and the other searched parameters) for NSR runs from an python -m nsr search "
+                   help="λ (and the other searched parameters) for NSR runs from a `python -m nsr search` "
                         "best.json; FILE for every model, MODEL=FILE for one (default: the configs' λ)")
     p.add_argument("--extra", default="", help='extra flags for every run, e.g. "--max-steps 50"')
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once (default 1)")
