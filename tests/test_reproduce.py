@@ -55,6 +55,8 @@ def fake_repo(tmp_path, monkeypatch):
     for script in ("fdnn_nsr.py", "cnn_nsr.py"):
         (repo / script).write_text(FAKE_TRAINER)
     calls = tmp_path / "calls.jsonl"
+    # The fake scripts sit outside the checkout but use its nsr/ and models/, as the real ones do beside them.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("FAKE_CALLS", str(calls))
     monkeypatch.delenv("FAKE_FAIL", raising=False)
     return repo, calls
@@ -174,7 +176,7 @@ def test_commands_lambda_from_extra_and_cnn(fake_repo, tmp_path, capsys):
     lines = [line.strip() for line in capsys.readouterr().out.splitlines()
              if line.strip().startswith("$")]
     assert len(lines) == 6 and not _calls(calls) and not out.exists()  # a dry run touches nothing
-    nsr = {m: next(l for l in lines if f"{m}.yaml" in l and "--nsr " in l)
+    nsr = {m: next(l for l in lines if f"{m}.yaml" in l and "--regularizer nsr" in l)
            for m in ("mlp4", "mlp6", "resnet18_cifar10")}
     assert "fdnn_nsr.py" in nsr["mlp4"] and "cnn_nsr.py" in nsr["resnet18_cifar10"]
     assert "--lambda 0.25 --nsr-layers out" in nsr["mlp4"] and "--dataset digits" in nsr["mlp4"]
