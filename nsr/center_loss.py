@@ -23,7 +23,7 @@ This file and layer_outputs.py import torch only.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.distributed as dist

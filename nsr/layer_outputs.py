@@ -107,7 +107,8 @@ class LayerOutputs:
             handle.remove()
         self._handles.clear()
         self._captured.clear()
-        self._unhooked = self._unhooked or f"this {self.what} regularizer was removed: its hooks are gone; make a new one"
+        if not self._unhooked:
+            self._unhooked = f"this {self.what} regularizer was removed: its hooks are gone; make a new one"
 
 
 def check_lambda(name: str, value, what: str) -> float:

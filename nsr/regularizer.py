@@ -15,10 +15,11 @@ This file and layer_outputs.py import torch only: copy the two (or the `nsr/` pa
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from .layer_outputs import LayerRegularizer, positive_int
@@ -33,11 +34,11 @@ def steadiness_loss(z: torch.Tensor, y: torch.Tensor, class_means: torch.Tensor,
     z: B x D responses, y: B labels, class_means: C x D (treated as constants, no gradient).
     active: optional B x D mask (bool or 0/1); the mean is then over active entries only (0 if none).
     """
-    squares = (z - class_means.detach().to(z.dtype).index_select(0, y)).square()
+    target = class_means.detach().to(z.dtype).index_select(0, y)
     if active is None:
-        return squares.sum() / max(squares.numel(), 1)  # 1/(B*D) * sum; 0 for an empty batch
+        return F.mse_loss(z, target)  # 1/(B*D) * sum of squares
     mask = active.to(z.dtype)
-    return (squares * mask).sum() / mask.sum().clamp_min(1)  # 0, not 0/0, when nothing is active
+    return ((z - target).square() * mask).sum() / mask.sum().clamp_min(1)  # 0, not 0/0, if none is active
 
 
 class ClassMeanMemory(nn.Module):
@@ -57,8 +58,8 @@ class ClassMeanMemory(nn.Module):
 
     def __init__(self, num_classes: int, queue_batches: int, active_only: bool = False, layer: str = ""):
         super().__init__()
-        self.num_classes, self.queue_batches, self.active_only, self.layer = (
-            num_classes, queue_batches, active_only, layer)
+        self.num_classes, self.queue_batches, self.active_only = num_classes, queue_batches, active_only
+        self.layer = layer  # its name in messages
         self.ptr = 0
         self.register_buffer("sums", None)
         self.register_buffer("counts", None)
@@ -85,8 +86,7 @@ class ClassMeanMemory(nn.Module):
         if sync:
             dist.all_reduce(sums)
             dist.all_reduce(counts)
-        # Only now: a push that failed above (a label out of range) leaves ptr, and the next push
-        # rewrites the same slot.
+        # Moved last: after a failure above (a label out of range) the next push rewrites this slot.
         self.ptr = (self.ptr + 1) % self.queue_batches
 
     def means(self) -> torch.Tensor:
@@ -161,13 +161,14 @@ class NeuronSteadiness(LayerRegularizer):
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         """The λ-weighted NSR term for the last forward pass, given its labels."""
         zs, y = self.take(y)
-        total = 0.0
+        total = None
         for name, z, memory in zip(self.names, zs, self.memories):
-            memory.push(z.detach(), y, self.sync)  # the current batch is one of the K
-            active = z.detach() > 0 if self.active_only else None
-            loss = steadiness_loss(z, y, memory.means(), active)
+            detached = z.detach()
+            memory.push(detached, y, self.sync)  # the current batch is one of the K
+            loss = steadiness_loss(z, y, memory.means(), detached > 0 if self.active_only else None)
             self._last[name] = loss.detach()
-            total = total + self.lambdas[name] * loss
+            weighted = self.lambdas[name] * loss
+            total = weighted if total is None else total + weighted
         return total
 
     def class_means(self, name: str | None = None) -> torch.Tensor:

@@ -232,7 +232,7 @@ def test_errors_are_one_clear_value_error():
                        (y.double(), "integer tensor of class indices"),
                        ([0] * BATCH, "must be a tensor")]:
         model(x)
-        one_line_value_error(lambda: reg(bad), match)
+        one_line_value_error(lambda bad=bad: reg(bad), match)
         assert torch.equal(reg.centers(), before)  # a refused call changes nothing
     model.eval()
     model(x)  # evaluation does not capture: reg(y) says what to do

@@ -441,10 +441,10 @@ def test_saved_pointer_out_of_range_or_of_another_type_is_refused(pointer, match
     for stepped in (False, True):
         target = _stepped({"out": 1.0, "fc1": 1.0}, queue_batches=3)[1] if stepped else \
             NeuronSteadiness(MLP(4, [3], 2), {"out": 1.0, "fc1": 1.0}, num_classes=2, queue_batches=3)
-        _one_line_value_error(lambda: target.load_state_dict(state), "layer 'fc1'.*" + match)
+        _one_line_value_error(lambda t=target: t.load_state_dict(state), "layer 'fc1'.*" + match)
         assert target.memories[1].ptr == (1 if stepped else 0)  # never set to the refused value
-        _one_line_value_error(lambda: nn.ModuleDict({"r": target}).load_state_dict(
-            {"r." + k: v for k, v in state.items()}), match)
+        parent = nn.ModuleDict({"r": target})
+        _one_line_value_error(lambda p=parent: p.load_state_dict({"r." + k: v for k, v in state.items()}), match)
 
 
 def test_memory_is_registered_buffers_that_move_with_to():
@@ -818,22 +818,22 @@ def _step(model, reg, seed=0):
 def test_lambdas_are_checked_on_every_set(cls, what):
     model = MLP(4, [3], 2)
     reg = cls(model, {"fc1": 0.5, "out": 2.0}, num_classes=2)
-    for bad, match in [(-5, r"lambda for %s layer 'out' must be a finite number >= 0, got -5$"),
+    for bad, match in [(-5, rf"lambda for {what} layer 'out' must be a finite number >= 0, got -5$"),
                        (float("inf"), "must be a finite number >= 0, got inf"),
-                       ("0.5", r"lambda for %s layer 'out' must be a number \(int or float\), got '0.5' of type str"),
+                       ("0.5", rf"lambda for {what} layer 'out' must be a number \(int or float\), got '0.5' of type str"),
                        ("abc", r"got 'abc' of type str"),
                        (True, "got True of type bool"),
                        (None, "got None of type NoneType"),
                        (torch.tensor(1.0), "of type Tensor")]:
-        with pytest.raises(ValueError, match=match.replace("%s", what) if "%s" in match else match):
+        with pytest.raises(ValueError, match=match):
             reg.lambdas["out"] = bad
         assert reg.lambdas["out"] == 2.0  # unchanged
-    with pytest.raises(ValueError, match=r"'fc2' is not one of the %s layers \['fc1', 'out'\]" % what):
+    with pytest.raises(ValueError, match=rf"'fc2' is not one of the {what} layers \['fc1', 'out'\]"):
         reg.lambdas["fc2"] = 1.0
     with pytest.raises(ValueError, match=r"layers are fixed; set lambdas\['out'\] = 0"):
         del reg.lambdas["out"]
     # A whole dict: the same layers, every value checked before any is taken.
-    with pytest.raises(ValueError, match=r"lambdas must name exactly the %s layers \['fc1', 'out'\]" % what):
+    with pytest.raises(ValueError, match=rf"lambdas must name exactly the {what} layers \['fc1', 'out'\]"):
         reg.lambdas = {"fc1": 1.0}
     with pytest.raises(ValueError, match="must be a number"):
         reg.lambdas = {"fc1": 1.0, "out": "2"}
@@ -858,8 +858,8 @@ def test_lambdas_are_checked_on_every_set(cls, what):
 def test_one_layer_under_two_spellings_is_refused(cls, what, wrapped, names):
     model = MLP(4, [3], 2)
     first, second = list(names)
-    with pytest.raises(ValueError, match=r"^%s layers %r and %r are the same module of the model; name each "
-                                         r"layer once$" % (what, first, second)):
+    with pytest.raises(ValueError, match=rf"^{what} layers {first!r} and {second!r} are the same module of the "
+                                         r"model; name each layer once$"):
         cls(FakeDDP(model) if wrapped else model, names, num_classes=2)
     assert not any(m._forward_hooks for m in model.modules())  # refused before any hook was set
 
@@ -871,8 +871,7 @@ def test_a_removed_regularizer_says_so(cls, what):
     _step(model, reg)
     reg.remove()
     assert not model.out._forward_hooks
-    with pytest.raises(ValueError, match=r"^this %s regularizer was removed: its hooks are gone; make a new one$"
-                       % what):
+    with pytest.raises(ValueError, match=rf"^this {what} regularizer was removed: its hooks are gone; make a new one$"):
         _step(model, reg)
     reg.remove()  # twice is harmless
 
@@ -884,8 +883,8 @@ def test_a_deep_copy_says_it_has_no_hooks(cls, what):
     _step(model, reg)
     twin = copy.deepcopy(reg)
     assert all(torch.equal(v, twin.state_dict()[k]) for k, v in reg.state_dict().items())
-    with pytest.raises(ValueError, match=r"^this %s regularizer is a deep copy, and a deep copy of a regularizer "
-                                         r"has no hooks on the model; build a new one for the copied model$" % what):
+    with pytest.raises(ValueError, match=rf"^this {what} regularizer is a deep copy, and a deep copy of a regularizer "
+                                         r"has no hooks on the model; build a new one for the copied model$"):
         _step(model, twin)
     assert math.isfinite(reg(torch.tensor([0, 1, 1, 0, 1, 0])).item())  # the original still has its hooks
     twin.remove()
@@ -905,7 +904,7 @@ def test_sync_check_labels_and_last_follow_one_rule(cls, what):
     assert set(reg.last) == {"out"}  # a copy
     # "auto" on CPU: every call checks the range, not just the first.
     model(torch.randn(6, 4))
-    with pytest.raises(ValueError, match=r"^%s labels must lie in \[0, 3\), got values in \[0, 3\]$" % what):
+    with pytest.raises(ValueError, match=rf"^{what} labels must lie in \[0, 3\), got values in \[0, 3\]$"):
         reg(torch.tensor([0, 1, 3, 0, 1, 0]))
-    with pytest.raises(ValueError, match="'fc1' is not one of the %s layers" % what):
+    with pytest.raises(ValueError, match=f"'fc1' is not one of the {what} layers"):
         (reg.class_means if cls is NeuronSteadiness else reg.centers)("fc1")
