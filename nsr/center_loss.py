@@ -14,129 +14,68 @@ class j seen in the batch moves by the paper's rule (z detached)
     delta_j = sum_{i: y_i = j} (c_j - z_i) / (1 + n_j),     c_j <- c_j - alpha * delta_j
 
 with n_j the number of samples of class j in the batch; classes absent from the batch stay put.
-Under torch.distributed the per-class sums and counts are all-reduced first (one call for all
-layers), so every rank applies the global batch's update and keeps identical centres.
+With sync (by default, under a multi-rank torch.distributed group) the per-class sums and counts
+are all-reduced first (one call for all layers), so every rank applies the global batch's update
+and keeps identical centres.
 
 This file and layer_outputs.py import torch only.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .layer_outputs import (
-    LayerOutputs,
-    check_label_range,
-    check_label_tensor,
-    distributed,
-)
+from .layer_outputs import LayerRegularizer
 
 __all__ = ["CenterLoss"]
 
 
-class CenterLoss(nn.Module):
+class CenterLoss(LayerRegularizer):
     """Center loss on named layers of `model`.
 
         reg = CenterLoss(model, layers={"out": 0.1}, num_classes=10, alpha=0.5)
         logits = model(x)                          # hooks capture the named layers' outputs
         loss = F.cross_entropy(logits, y) + reg(y)  # the loss, then the centres move
 
-    layers: {name: lambda}, or a list of names sharing `lam`. alpha: the centres' rate, in [0, 1].
-    sync: all-reduce the centre update across ranks; default: when torch.distributed is initialised.
-    check_labels: range-check labels: "auto" (every call on CPU, the first call on accelerators,
-        where reading values is a host sync), True (every call) or False (never).
+    layers, lam, sync, check_labels, lambdas, last: as LayerRegularizer (nsr/layer_outputs.py).
+    alpha: the centres' rate, in [0, 1]. The centres are buffers centers_0, centers_1, ... (C x D,
+    in the layers' order), made at the first call or by load_state_dict; reg.centers(name) reads one.
     """
 
-    def __init__(self, model: nn.Module, layers: Mapping[str, float] | Iterable[str], num_classes: int,
+    what = "center-loss"
+
+    def __init__(self, model: nn.Module, layers: Mapping[str, float] | Iterable[str] | str, num_classes: int,
                  alpha: float = 0.5, lam: float = 1.0, sync: bool | None = None,
                  check_labels: bool | str = "auto"):
-        super().__init__()
-        if isinstance(layers, str):
-            layers = [layers]
-        if not isinstance(layers, Mapping):
-            layers = {name: lam for name in layers}
-        if not layers:
-            raise ValueError("center loss needs at least one layer name, e.g. layers={'out': 0.1}")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
             raise ValueError(f"center loss alpha must be a number in [0, 1], got {alpha!r}")
-        if check_labels not in (True, False, "auto"):
-            raise ValueError(f"check_labels must be True, False or 'auto', got {check_labels!r}")
-        self.names = list(layers)
-        self.lambdas = layers
-        self.num_classes, self.alpha, self.sync, self.check_labels = num_classes, float(alpha), sync, check_labels
+        super().__init__(model, layers, num_classes, lam, sync, check_labels)
+        self.alpha = float(alpha)
         for i in range(len(self.names)):
             self.register_buffer(f"centers_{i}", None)  # C x D, made when D is known
-        self.register_load_state_dict_pre_hook(_allocate_for_load)
-        self.outputs = LayerOutputs(model, self.names, "center-loss")
-        self._last: dict[str, torch.Tensor] = {}
-        self._labels_checked = False
-
-    @property
-    def lambdas(self) -> dict[str, float]:
-        """{layer: lambda}; set a new dict, or one entry, to change the weights (read each call)."""
-        return self._lambdas
-
-    @lambdas.setter
-    def lambdas(self, value: Mapping[str, float]) -> None:
-        if set(value) != set(self.names):
-            raise ValueError(f"lambdas must name exactly the layers {self.names}, got {list(value)}")
-        checked = {}
-        for name in self.names:
-            try:
-                weight = float(value[name])
-            except (TypeError, ValueError):
-                weight = float("nan")
-            if not 0 <= weight < float("inf"):
-                raise ValueError(f"lambda for center-loss layer {name!r} must be a finite number >= 0, "
-                                 f"got {value[name]!r}")
-            checked[name] = weight
-        self._lambdas = checked
-
-    def set_lambda(self, name: str, value: float) -> None:
-        """Change one layer's lambda (checked), e.g. for a warm-up; takes effect at the next call."""
-        if name not in self._lambdas:
-            raise ValueError(f"{name!r} is not a center-loss layer; the layers are {self.names}")
-        self.lambdas = {**self._lambdas, name: value}
-
-    def remove(self) -> None:
-        """Detach the hooks from the model and drop anything captured."""
-        self.outputs.remove()
-
-    @property
-    def last(self) -> dict[str, torch.Tensor]:
-        """Per-layer center losses (unweighted, detached) of the last call."""
-        return dict(self._last)
+        self.register_load_state_dict_pre_hook(_check_loaded)
 
     def centers(self, name: str | None = None) -> torch.Tensor:
         """The C x D centres of a layer (the first one by default)."""
-        c = getattr(self, f"centers_{self.names.index(name) if name else 0}")
+        c = getattr(self, f"centers_{self.layer_index(name)}")
         if c is None:
             raise ValueError("center-loss centres do not exist yet: run one training step first")
         return c
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         """The weighted center loss of the last forward pass (float32 at least); then the update."""
-        zs = self.outputs.take()
-        check_label_tensor(y, zs, "center-loss")
-        every_call = self.check_labels is True or (self.check_labels == "auto" and y.device.type == "cpu")
-        if every_call or (self.check_labels == "auto" and not self._labels_checked):
-            check_label_range(y, self.num_classes, "center-loss")  # on an accelerator: a host sync
-            self._labels_checked = True
-        y = y.to(device=zs[0].device, dtype=torch.long)
+        zs, y = self.take(y)
         centers = [self._centers_for(i, z) for i, z in enumerate(zs)]
-        total = None
+        total = 0.0
         for name, z, c in zip(self.names, zs, centers):
             diff = z - c.index_select(0, y).to(z.dtype)  # the centres are a buffer: no gradient
             loss = (diff * diff).sum() * (0.5 / max(z.shape[0], 1))
             self._last[name] = loss.detach()
-            weighted = loss * self._lambdas[name]
-            total = weighted if total is None else total + weighted
+            total = total + self.lambdas[name] * loss
         self._update(zs, centers, y)
         return total
 
@@ -146,13 +85,14 @@ class CenterLoss(nn.Module):
         if c is None:
             c = z.new_zeros(self.num_classes, z.shape[1])  # the paper's initialisation
         elif c.shape[1] != z.shape[1]:
-            raise ValueError(f"center-loss layer {self.names[i]!r} changed width from {c.shape[1]} "
-                             f"to {z.shape[1]} neurons; the centres need a fixed response size")
+            raise ValueError(f"center-loss layer {self.names[i]!r} gives {z.shape[1]} neurons, but its centres "
+                             f"have {c.shape[1]}: the centres need a fixed response size, and loaded centres "
+                             "must come from the same layers")
         elif c.device != z.device:
             c = c.to(z.device)  # e.g. loaded on CPU, used on a GPU
         else:
             return c
-        self.register_buffer(key, c)
+        setattr(self, key, c)
         return c
 
     @torch.no_grad()
@@ -161,7 +101,7 @@ class CenterLoss(nn.Module):
         stats = [c.new_zeros(self.num_classes, c.shape[1] + 1).index_add_(
                      0, y, torch.cat([z.to(c.dtype), z.new_ones(z.shape[0], 1, dtype=c.dtype)], 1))
                  for z, c in zip(zs, centers)]
-        if distributed() if self.sync is None else self.sync:
+        if self.sync:
             flat = torch.cat([st.reshape(-1) for st in stats])
             dist.all_reduce(flat)
             stats = [piece.view_as(st) for piece, st in zip(flat.split([st.numel() for st in stats]), stats)]
@@ -170,19 +110,28 @@ class CenterLoss(nn.Module):
             c.sub_((counts * c - sums) / (1 + counts), alpha=self.alpha)
 
     def extra_repr(self) -> str:
-        return f"layers={self._lambdas}, num_classes={self.num_classes}, alpha={self.alpha}"
+        return f"{super().extra_repr()}, alpha={self.alpha}"
 
 
-def _allocate_for_load(module, state_dict, prefix, local_metadata, strict, missing_keys,
-                       unexpected_keys, error_msgs) -> None:
-    """Make (or drop) each centres buffer so that load_state_dict restores the saved state."""
-    for i in range(len(module.names)):
-        key = f"centers_{i}"
+def _check_loaded(module: CenterLoss, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook: refuse centres of other shapes (before anything changes); then
+    make (or drop) each centres buffer so that the load restores the saved state, also before
+    the first step."""
+    keys = [f"centers_{i}" for i in range(len(module.names))]
+    for key, name in zip(keys, module.names):
+        saved, own = state_dict.get(prefix + key), getattr(module, key)
+        if saved is None:
+            continue
+        if not isinstance(saved, torch.Tensor) or saved.dim() != 2 or saved.shape[0] != module.num_classes:
+            raise ValueError(f"center-loss centres {prefix + key!r} of layer {name!r} have shape "
+                             f"{tuple(getattr(saved, 'shape', ()))}; this regularizer needs "
+                             f"({module.num_classes}, D)")
+        if own is not None and own.shape != saved.shape:
+            raise ValueError(f"center-loss centres {prefix + key!r}: saved for {saved.shape[1]} neurons, but layer "
+                             f"{name!r} gives {own.shape[1]}: load them into the same layers of the same model")
+    for key in keys:
         saved = state_dict.get(prefix + key)
         if saved is None:
-            module.register_buffer(key, None)  # saved before the first step: no centres yet
-        elif saved.dim() != 2 or saved.shape[0] != module.num_classes:
-            error_msgs.append(f"center-loss centres {prefix + key!r} have shape {tuple(saved.shape)}; "
-                              f"this regularizer needs ({module.num_classes}, D)")
-        elif getattr(module, key) is None or getattr(module, key).shape != saved.shape:
-            module.register_buffer(key, torch.zeros_like(saved))
+            setattr(module, key, None)  # saved before the first step: no centres yet
+        elif getattr(module, key) is None:
+            setattr(module, key, torch.zeros_like(saved))

@@ -1,5 +1,6 @@
 """What NSR and center loss share: forward hooks that keep named layers' outputs of a training-mode
-forward pass, and the checks of the labels the regularizer is then called with.
+forward pass, the layers' λ, the checks of the labels the regularizer is called with, and the
+rules for `sync`, `check_labels` and `last` (the base class LayerRegularizer).
 
 This file imports torch only (as regularizer.py and center_loss.py, which use it).
 """
@@ -7,7 +8,9 @@ This file imports torch only (as regularizer.py and center_loss.py, which use it
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+import math
+import numbers
+from collections.abc import Iterable, Mapping, MutableMapping
 
 import torch
 import torch.distributed as dist
@@ -24,13 +27,14 @@ def _unwrapped(name: str) -> str:
 
 
 def find_layers(model: nn.Module, names: Iterable[str], what: str = "NSR") -> list[nn.Module]:
-    """The module of each name of model.named_modules(); the wrappers' prefixes are optional."""
+    """The module of each name of model.named_modules(); the wrappers' prefixes are optional.
+    Two names of one module (e.g. "fc" and "module.fc") are refused: its output would count twice."""
     modules = dict(model.named_modules())
     bare = {}  # by name without prefixes; neither the root nor a wrapper itself
     for full, module in modules.items():
         if full and _unwrapped(full + "."):
             bare.setdefault(_unwrapped(full), module)
-    found = []
+    found: dict[str, nn.Module] = {}
     for name in names:
         module = modules.get(name) if name else None
         module = bare.get(_unwrapped(name)) if module is None else module  # not `or`: an empty Sequential is falsy
@@ -38,8 +42,12 @@ def find_layers(model: nn.Module, names: Iterable[str], what: str = "NSR") -> li
             close = difflib.get_close_matches(name, list(bare), n=5, cutoff=0.4) or list(bare)[:8]
             raise ValueError(f"{what} layer {name!r} is not a module of the model; closest valid names: "
                              f"{', '.join(close)}")
-        found.append(module)
-    return found
+        same = [other for other, m in found.items() if m is module]
+        if same:
+            raise ValueError(f"{what} layers {same[0]!r} and {name!r} are the same module of the model; "
+                             "name each layer once")
+        found[name] = module
+    return list(found.values())
 
 
 class LayerOutputs:
@@ -53,6 +61,7 @@ class LayerOutputs:
         self._captured: dict[str, torch.Tensor] = {}
         self._handles = [module.register_forward_hook(self._hook(name))
                          for name, module in zip(names, find_layers(model, names, what))]
+        self._unhooked: str | None = None  # why take() cannot work any more, once it cannot
 
     def _hook(self, name: str):
         captured, what = self._captured, self.what  # not self: the model's hooks keep nothing else alive
@@ -65,7 +74,18 @@ class LayerOutputs:
                 captured[name] = output
         return hook
 
+    def __deepcopy__(self, memo) -> LayerOutputs:
+        # The model's hooks write into the original's dict; a copy would wait for outputs forever.
+        copy = LayerOutputs.__new__(LayerOutputs)
+        copy.names, copy.what, copy.per_channel = list(self.names), self.what, self.per_channel
+        copy._captured, copy._handles = {}, []
+        copy._unhooked = (f"this {self.what} regularizer is a deep copy, and a deep copy of a regularizer "
+                          "has no hooks on the model; build a new one for the copied model")
+        return copy
+
     def take(self) -> list[torch.Tensor]:
+        if self._unhooked:
+            raise ValueError(self._unhooked)
         if len(self._captured) < len(self.names):  # it holds only these names
             missing = [name for name in self.names if name not in self._captured]
             self._captured.clear()
@@ -79,7 +99,7 @@ class LayerOutputs:
         dtype = output.dtype if output.dtype in (torch.float32, torch.float64) else torch.float32
         if output.dim() > 2:
             output = output.flatten(2).mean(dim=2, dtype=dtype) if self.per_channel else output.flatten(1)
-        return output if output.dtype == dtype else output.to(dtype)  # .to() is an op even when a no-op
+        return output.to(dtype)
 
     def remove(self) -> None:
         """Detach the hooks from the model and drop anything captured."""
@@ -87,6 +107,53 @@ class LayerOutputs:
             handle.remove()
         self._handles.clear()
         self._captured.clear()
+        if not self._unhooked:
+            self._unhooked = f"this {self.what} regularizer was removed: its hooks are gone; make a new one"
+
+
+def check_lambda(name: str, value, what: str) -> float:
+    """A layer's λ: an int or float (not a bool, not a string), finite and >= 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"lambda for {what} layer {name!r} must be a number (int or float), got "
+                         f"{value!r} of type {type(value).__name__}")
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"lambda for {what} layer {name!r} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+class Lambdas(MutableMapping):
+    """{layer: λ}, checked on every set (check_lambda). Its layers are fixed: setting an unknown
+    one or deleting one is an error (set λ to 0 to switch a layer's term off)."""
+
+    def __init__(self, values: Mapping[str, float], what: str):
+        self._what = what
+        self._values = {name: check_lambda(name, value, what) for name, value in values.items()}
+
+    def __getitem__(self, name: str) -> float:
+        return self._values[name]
+
+    def __setitem__(self, name: str, value) -> None:
+        if name not in self._values:
+            raise ValueError(f"{name!r} is not one of the {self._what} layers {list(self._values)}")
+        self._values[name] = check_lambda(name, value, self._what)
+
+    def __delitem__(self, name: str) -> None:
+        raise ValueError(f"the {self._what} layers are fixed; set lambdas[{name!r}] = 0 to switch a layer off")
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return repr(self._values)
+
+
+def positive_int(what: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    return value
 
 
 def check_label_tensor(y, zs: list[torch.Tensor], what: str) -> None:
@@ -113,3 +180,88 @@ def check_label_range(y: torch.Tensor, num_classes: int, what: str) -> None:
 def distributed() -> bool:
     """Whether a multi-rank torch.distributed group is running (the default of `sync`)."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class LayerRegularizer(nn.Module):
+    """A regularizer on named layers of `model`, called as reg(y) after each training forward pass.
+
+    layers: {name: λ}, a list of names sharing `lam`, or one name. Names come from
+        model.named_modules(); the prefixes "module." (DistributedDataParallel) and "_orig_mod."
+        (torch.compile) are optional. `reg.lambdas` is read at every call and checked on every set.
+    sync: all-reduce batch statistics across ranks. None (default): decided at the first call,
+        on when a torch.distributed group of more than one rank is running.
+    check_labels: range-check label values. "auto": every call when the labels are on the CPU
+        (cheap), the first call only when they are on an accelerator (reading values is a host
+        sync). True: every call. False: never. Shape and dtype are always checked.
+    After a call, `reg.last` gives each layer's unweighted loss (detached).
+    """
+
+    what = "regularizer"  # the name in messages
+
+    def __init__(self, model: nn.Module, layers: Mapping[str, float] | Iterable[str] | str, num_classes: int,
+                 lam: float = 1.0, sync: bool | None = None, check_labels: bool | str = "auto",
+                 per_channel: bool = False):
+        super().__init__()
+        if isinstance(layers, str):
+            layers = [layers]
+        if not isinstance(layers, Mapping):
+            layers = list(layers)
+            twice = [name for name in layers if layers.count(name) > 1]
+            if twice:
+                raise ValueError(f"{self.what} layer {twice[0]!r} is named twice; name each layer once")
+            layers = {name: lam for name in layers}
+        if not layers:
+            raise ValueError(f"{self.what} needs at least one layer name, e.g. layers={{'out': 0.5}}")
+        positive_int("num_classes", num_classes)
+        if not (isinstance(check_labels, bool) or check_labels == "auto"):
+            raise ValueError(f"check_labels must be True, False or 'auto', got {check_labels!r}")
+        if not (sync is None or isinstance(sync, bool)):
+            raise ValueError(f"sync must be None, True or False, got {sync!r}")
+        self.names = list(layers)
+        self.lambdas = layers
+        self.num_classes, self.sync, self.check_labels = num_classes, sync, check_labels
+        self.outputs = LayerOutputs(model, self.names, self.what, per_channel)
+        self._last: dict[str, torch.Tensor] = {}
+        self._labels_checked = False
+
+    @property
+    def lambdas(self) -> Lambdas:
+        """{layer: λ}; set one entry (reg.lambdas["fc"] = 0.5) or a whole dict of the same layers."""
+        return self._lambdas
+
+    @lambdas.setter
+    def lambdas(self, value: Mapping[str, float]) -> None:
+        if not isinstance(value, Mapping) or set(value) != set(self.names):
+            raise ValueError(f"lambdas must name exactly the {self.what} layers {self.names}, got {value!r}")
+        self._lambdas = Lambdas({name: value[name] for name in self.names}, self.what)
+
+    @property
+    def last(self) -> dict[str, torch.Tensor]:
+        """Each layer's unweighted loss in the last call (detached)."""
+        return dict(self._last)
+
+    def remove(self) -> None:
+        """Detach the hooks from the model and drop anything captured; the regularizer is done."""
+        self.outputs.remove()
+
+    def layer_index(self, name: str | None) -> int:
+        """The position of layer `name` in self.names (the first one for None)."""
+        if name is None:
+            return 0
+        if name not in self.names:
+            raise ValueError(f"{name!r} is not one of the {self.what} layers {self.names}")
+        return self.names.index(name)
+
+    def take(self, y: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The captured responses (B x D each) and the checked labels, as int64 on their device."""
+        zs = self.outputs.take()
+        check_label_tensor(y, zs, self.what)
+        if self.check_labels is True or (self.check_labels == "auto" and (y.is_cpu or not self._labels_checked)):
+            check_label_range(y, self.num_classes, self.what)
+            self._labels_checked = True
+        if self.sync is None:
+            self.sync = distributed()
+        return zs, y.to(device=zs[0].device, dtype=torch.long)
+
+    def extra_repr(self) -> str:
+        return f"layers={self.lambdas!r}, num_classes={self.num_classes}"

@@ -124,19 +124,23 @@ def test_lambda_change_takes_effect():
     total = reg(batches[2][1])
     assert reg.last["fc"].item() > 0
     assert total.item() == pytest.approx(5.0 * reg.last["fc"].item(), rel=1e-12)
-    reg.set_lambda("flatten", 0.5)
+    reg.lambdas["flatten"] = 0.5
     model(batches[3][0])
     total = reg(batches[3][1])
     assert total.item() == pytest.approx(0.5 * reg.last["flatten"].item() + 5.0 * reg.last["fc"].item(),
                                          rel=1e-12)
-    with pytest.raises(ValueError, match=r"'out' is not a center-loss layer; the layers are \['flatten', 'fc'\]"):
-        reg.set_lambda("out", 1.0)
+    # Checked on set (more cases, shared with NSR, in test_regularizer.py): a refused value changes nothing.
+    with pytest.raises(ValueError, match=r"'out' is not one of the center-loss layers \['flatten', 'fc'\]"):
+        reg.lambdas["out"] = 1.0
     with pytest.raises(ValueError, match="must be a finite number >= 0, got inf"):
-        reg.set_lambda("fc", float("inf"))
-    with pytest.raises(ValueError, match="lambdas must name exactly the layers"):
+        reg.lambdas["fc"] = float("inf")
+    with pytest.raises(ValueError, match=r"must be a number \(int or float\), got '0.1' of type str"):
+        reg.lambdas["fc"] = "0.1"
+    with pytest.raises(ValueError, match="lambdas must name exactly the center-loss layers"):
         reg.lambdas = {"fc": 1.0}
     with pytest.raises(ValueError, match="must be a finite number >= 0"):
         reg.lambdas = {"flatten": 1.0, "fc": -1.0}
+    assert reg.lambdas == {"flatten": 0.5, "fc": 5.0}
 
 
 def run(model, reg, batches):
@@ -170,8 +174,35 @@ def test_state_dict_round_trip_continues_identically():
     fresh.load_state_dict(empty)
     with pytest.raises(ValueError, match="do not exist yet"):
         fresh.centers("fc")
-    with pytest.raises(RuntimeError, match=r"this regularizer needs \(3, D\)"):
-        CenterLoss(make_model(), LAMS, num_classes=3).load_state_dict(saved)
+
+
+def test_state_of_another_shape_is_refused_in_one_line():
+    model = make_model()
+    reg = CenterLoss(model, LAMS, num_classes=C)
+    run(model, reg, make_batches(1))
+    saved = reg.state_dict()  # centers_0: C x 6 ("flatten"), centers_1: C x 4 ("fc")
+    one_line_value_error(lambda: CenterLoss(make_model(), LAMS, num_classes=3).load_state_dict(saved),
+                         r"centres 'centers_0' of layer 'flatten' have shape \(5, 6\); this regularizer "
+                         r"needs \(3, D\)")
+    bad = dict(saved, centers_1=torch.zeros(C))
+    one_line_value_error(lambda: CenterLoss(make_model(), LAMS, num_classes=C).load_state_dict(bad),
+                         r"'centers_1' of layer 'fc' have shape \(5,\)")
+    # Other widths (layers swapped): refused at the load once the centres exist ...
+    swapped = {"fc": 1.0, "flatten": 1.0}
+    model2 = make_model()
+    stepped = CenterLoss(model2, swapped, num_classes=C)
+    run(model2, stepped, make_batches(1))
+    before = {k: v.clone() for k, v in stepped.state_dict().items()}
+    one_line_value_error(lambda: stepped.load_state_dict(saved),
+                         r"'centers_0': saved for 6 neurons, but layer 'fc' gives 4")
+    assert all(torch.equal(v, stepped.state_dict()[k]) for k, v in before.items())
+    # ... and at the first step before (the widths come from that forward pass).
+    model3 = make_model()
+    fresh = CenterLoss(model3, swapped, num_classes=C)
+    fresh.load_state_dict(saved)
+    model3(make_batches(1)[0][0])
+    one_line_value_error(lambda: fresh(make_batches(1)[0][1]),
+                         r"center-loss layer 'fc' gives 4 neurons, but its centres have 6")
 
 
 def one_line_value_error(fn, match):
@@ -201,7 +232,7 @@ def test_errors_are_one_clear_value_error():
                        (y.double(), "integer tensor of class indices"),
                        ([0] * BATCH, "must be a tensor")]:
         model(x)
-        one_line_value_error(lambda: reg(bad), match)
+        one_line_value_error(lambda bad=bad: reg(bad), match)
         assert torch.equal(reg.centers(), before)  # a refused call changes nothing
     model.eval()
     model(x)  # evaluation does not capture: reg(y) says what to do
@@ -209,7 +240,7 @@ def test_errors_are_one_clear_value_error():
     model.train()
     reg.remove()
     model(x)
-    one_line_value_error(lambda: reg(y), "no captured output")
+    one_line_value_error(lambda: reg(y), "^this center-loss regularizer was removed: its hooks are gone")
 
 
 def test_float32_under_autocast_and_wrapper_prefixes():

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.mlp import MLP
-from nsr import NeuronSteadiness, steadiness_loss
+from nsr import CenterLoss, ClassMeanMemory, NeuronSteadiness, steadiness_loss
 
 C = 5
 
@@ -274,6 +274,39 @@ def _train_steps(model, reg, data):
     return losses
 
 
+@pytest.mark.parametrize("active_only", [False, True])
+def test_memory_by_hand(active_only):
+    """K = 2 slots, 3 classes, 2 neurons: sums, counts, pointer and means written out by hand."""
+    memory = ClassMeanMemory(num_classes=3, queue_batches=2, active_only=active_only, layer="h")
+    f64 = dict(dtype=torch.float64)
+    b1 = torch.tensor([[1.0, -2.0], [3.0, 4.0], [5.0, 6.0]], **f64), torch.tensor([0, 0, 2])
+    b2 = torch.tensor([[7.0, 8.0], [-1.0, 2.0]], **f64), torch.tensor([0, 1])
+    b3 = torch.tensor([[2.0, 2.0]], **f64), torch.tensor([2])
+    memory.push(*b1)
+    assert memory.ptr == 1
+    if active_only:  # only entries > 0 are summed and counted
+        assert memory.sums[0].tolist() == [[4.0, 4.0], [0.0, 0.0], [5.0, 6.0]]
+        assert memory.counts[0].tolist() == [[2.0, 1.0], [0.0, 0.0], [1.0, 1.0]]
+        assert memory.means().tolist() == [[2.0, 4.0], [0.0, 0.0], [5.0, 6.0]]
+    else:
+        assert memory.sums[0].tolist() == [[4.0, 2.0], [0.0, 0.0], [5.0, 6.0]]
+        assert memory.counts[0].tolist() == [[2.0], [0.0], [1.0]]
+        assert memory.means().tolist() == [[2.0, 1.0], [0.0, 0.0], [5.0, 6.0]]
+    memory.push(*b2)
+    assert memory.ptr == 0  # wrapped: the next batch overwrites b1
+    if active_only:  # class 0: (1 + 3 + 7) / 3 and (4 + 8) / 2; class 1: only its 2.0 counts
+        assert memory.means().tolist() == [[11 / 3, 6.0], [0.0, 2.0], [5.0, 6.0]]
+    else:  # class 0: (1 + 3 + 7) / 3 and (-2 + 4 + 8) / 3
+        assert memory.means().tolist() == [[11 / 3, 10 / 3], [-1.0, 2.0], [5.0, 6.0]]
+    memory.push(*b3)  # b1 leaves the window
+    assert memory.ptr == 1
+    if active_only:
+        assert memory.means().tolist() == [[7.0, 8.0], [0.0, 2.0], [2.0, 2.0]]
+    else:
+        assert memory.means().tolist() == [[7.0, 8.0], [-1.0, 2.0], [2.0, 2.0]]
+    assert memory.sums.shape == (2, 3, 2) and memory.counts.shape == (2, 3, 2 if active_only else 1)
+
+
 @pytest.mark.parametrize("steps_before", [0, 1, 4, 6])
 def test_state_dict_round_trip_continues_exactly(steps_before):
     torch.manual_seed(0)
@@ -293,79 +326,140 @@ def test_state_dict_round_trip_continues_exactly(steps_before):
     reg2.load_state_dict(state)
     rest = data[steps_before:] + batches(seed=6)
     assert _train_steps(model2, reg2, rest) == _train_steps(model, reg, rest)  # bit for bit
+    pointers = {f"memories.{i}._extra_state" for i in range(2)}
     if steps_before:
-        assert set(state) == {f"memory.{b}" for b in ("ring", "total", "ptr", "widths")}
-        assert int(state["memory.ptr"]) == steps_before % 4  # K + 1 slots: K batches + a free one
-    else:
-        assert state == {}
-
-
-def per_layer_layout(state: dict, active_only: bool) -> dict:
-    """A state of one memory for all layers, written out by hand in the older layout of one
-    memory per layer: memories.N.{ring,total,ptr}, rows [layer N's sums | its counts]."""
-    d = state["memory.widths"].tolist()
-    old = {k: v for k, v in state.items() if not k.startswith("memory.")}
-    for buffer in ("ring", "total"):
-        t = state[f"memory.{buffer}"]
-        sums = t[..., :sum(d)].split(d, dim=-1)
-        counts = t[..., sum(d):].split(d, dim=-1) if active_only else [t[..., sum(d):]] * len(d)
-        for i, (s, c) in enumerate(zip(sums, counts)):
-            old[f"memories.{i}.{buffer}"] = torch.cat([s, c], dim=-1)
-    for i in range(len(d)):
-        old[f"memories.{i}.ptr"] = state["memory.ptr"].clone()
-    return old
+        assert set(state) == {f"memories.{i}.{b}" for i in range(2) for b in ("sums", "counts")} | pointers
+        assert state["memories.1.sums"].shape == (3, C, C) and state["memories.0.counts"].shape == (3, C, 3)
+        assert all(int(state[key]) == steps_before % 3 for key in pointers)  # K slots
+    else:  # no step yet: no sums or counts, the pointers at 0
+        assert set(state) == pointers and all(int(state[key]) == 0 for key in pointers)
+        reg.load_state_dict(state)  # resets a used regularizer to "nothing seen yet"
+        assert [m.ptr for m in reg.memories] == [0, 0] and dict(reg.named_buffers()) == {}
+        with pytest.raises(ValueError, match="NSR memory is empty"):
+            reg.class_means("act")
 
 
 @pytest.mark.parametrize("active_only", [False, True])
-def test_checkpoint_of_the_per_layer_memory_layout_resumes_exactly(active_only):
-    """Checkpoints written when each layer had its own memory (memories.N.ring/total/ptr, rows
-    [sums | counts]) are converted on resume (nsr.train.checkpoint) and continue bit for bit."""
-    from nsr.train.checkpoint import _old_nsr_memory
-
-    torch.manual_seed(0)
-    model = SmallNet().double()
+def test_state_saved_mid_window_continues_bit_for_bit(active_only):
+    """Save model, optimizer and NSR 4 steps in (K = 3: the pointer mid-window), load them into a
+    fresh model and regularizer (through a parent module, as a checkpoint of a whole training state
+    is loaded), and both runs give identical losses and gradients from there on."""
+    lams = {"act": 0.5, "head": 1.5}
     kwargs = dict(num_classes=C, queue_batches=3, per_channel=True, active_only=active_only)
-    reg = NeuronSteadiness(model, {"act": 0.5, "head": 1.5}, **kwargs)
-    data = batches(seed=5)
-    _train_steps(model, reg, data[:5])
-    old = per_layer_layout(reg.state_dict(), active_only)
-    model2 = copy.deepcopy(model)
-    reg2 = NeuronSteadiness(model2, {"act": 0.5, "head": 1.5}, **kwargs)
-    reg2.load_state_dict(_old_nsr_memory(old, active_only))
-    rest = data[5:] + batches(seed=6)
-    assert _train_steps(model2, reg2, rest) == _train_steps(model, reg, rest)
+
+    def trainer():
+        torch.manual_seed(0)
+        model = SmallNet().double()
+        reg = NeuronSteadiness(model, lams, **kwargs)
+        return model, reg, torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+
+    def step(model, reg, opt, x, y):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y) + reg(y)
+        loss.backward()
+        opt.step()
+        return loss.item(), {k: v.item() for k, v in reg.last.items()}, [p.grad.clone() for p in model.parameters()]
+
+    data = batches(seed=5) + batches(seed=6)
+    model, reg, opt = trainer()
+    for x, y in data[:4]:
+        step(model, reg, opt, x, y)
+    assert [m.ptr for m in reg.memories] == [1, 1]
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                "parent": nn.ModuleDict({"nsr": reg}).state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+
+    model2, reg2, opt2 = trainer()
+    model2.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    nn.ModuleDict({"nsr": reg2}).load_state_dict(saved["parent"])
+    assert [m.ptr for m in reg2.memories] == [1, 1]
+    for x, y in data[4:]:
+        (loss, last, grads), (loss2, last2, grads2) = step(model, reg, opt, x, y), step(model2, reg2, opt2, x, y)
+        assert loss2 == loss and last2 == last
+        assert all(torch.equal(g, g2) for g, g2 in zip(grads, grads2))
+    for m, m2 in zip(reg.memories, reg2.memories):
+        assert torch.equal(m.sums, m2.sums) and torch.equal(m.counts, m2.counts) and m.ptr == m2.ptr
+
+
+def _one_line_value_error(fn, match):
+    with pytest.raises(ValueError, match=match) as info:
+        fn()
+    assert "\n" not in str(info.value)
+
+
+def _stepped(layers, **kwargs):
+    model = MLP(4, [3], 2)
+    reg = NeuronSteadiness(model, layers, num_classes=kwargs.pop("num_classes", 2), **kwargs)
+    model(torch.randn(4, 4))
+    reg(torch.tensor([0, 1, 1, 0]))
+    return model, reg
 
 
 def test_state_dict_from_another_configuration_is_refused():
+    _, reg = _stepped({"out": 1.0}, queue_batches=3)  # "out" has 2 neurons, "fc1" 3
+    state = reg.state_dict()
+
+    def load_into(layers, stepped=False, **kwargs):
+        kwargs = dict(queue_batches=3) | kwargs
+        target = _stepped(layers, **kwargs)[1] if stepped else NeuronSteadiness(
+            MLP(4, [3], 2), layers, num_classes=kwargs.pop("num_classes", 2), **kwargs)
+        return lambda: target.load_state_dict(state)
+
+    fits = r"do not fit queue_batches=%d, num_classes=%d, active_only=%s"
+    _one_line_value_error(load_into({"out": 1.0}, queue_batches=5), fits % (5, 2, False))
+    _one_line_value_error(load_into({"out": 1.0}, num_classes=3), fits % (3, 3, False))
+    _one_line_value_error(load_into({"out": 1.0}, active_only=True), fits % (3, 2, True))
+    _one_line_value_error(load_into({"out": 1.0}, stepped=True, queue_batches=5), fits % (5, 2, False))
+    # Other widths: refused at the load by a regularizer that knows its widths (it made a step) ...
+    _one_line_value_error(load_into({"fc1": 1.0}, stepped=True),
+                          r"'memories.0.': saved for 2 neurons, but layer 'fc1' gives 3")
+    # ... and at the first step by a fresh one (it learns its layers' widths from that forward pass).
     model = MLP(4, [3], 2)
-    reg = NeuronSteadiness(model, {"out": 1.0}, num_classes=2, queue_batches=3)
+    fresh = NeuronSteadiness(model, {"fc1": 1.0}, num_classes=2, queue_batches=3)
+    fresh.load_state_dict(state)
     model(torch.randn(4, 4))
-    reg(torch.tensor([0, 1, 1, 0]))
-    other = NeuronSteadiness(MLP(4, [3], 2), {"out": 1.0}, num_classes=2, queue_batches=5)
-    with pytest.raises(RuntimeError, match=r"has shape \(4, 2, 3\).*queue_batches=5"):
-        other.load_state_dict(reg.state_dict())
-    # Same K and C, other layers: [3 | 2] neurons side by side against [2 | 3]; the first step says so.
-    two = NeuronSteadiness(model, {"fc1": 1.0, "out": 1.0}, num_classes=2, queue_batches=3)
-    model(torch.randn(4, 4))
-    two(torch.tensor([0, 1, 1, 0]))
-    swapped = NeuronSteadiness(model, {"out": 1.0, "fc1": 1.0}, num_classes=2, queue_batches=3)
-    swapped.load_state_dict(two.state_dict())
-    model(torch.randn(4, 4))
-    with pytest.raises(ValueError, match=r"saved for layers of \[3, 2\] neurons.*give \[2, 3\]"):
-        swapped(torch.tensor([0, 1, 1, 0]))
+    _one_line_value_error(lambda: fresh(torch.tensor([0, 1, 1, 0])),
+                          r"NSR layer 'fc1' gives 3 neurons, but its memory holds 2")
+
+
+@pytest.mark.parametrize("pointer,match", [
+    (torch.tensor(3), r"pointer 3 lies outside \[0, 3\) \(queue_batches=3\)"),
+    (torch.tensor(-1), r"pointer -1 lies outside \[0, 3\)"),
+    (torch.tensor(1.0), r"must be an integer tensor of one element, got Tensor torch.float32 of shape \(\)"),
+    (torch.tensor([0, 1]), r"got Tensor torch.int64 of shape \(2,\)"),
+    (torch.tensor(True), "got Tensor torch.bool"),
+    (1, "must be an integer tensor of one element, got int 1$"),
+    ("1", "got str '1'$"),
+])
+def test_saved_pointer_out_of_range_or_of_another_type_is_refused(pointer, match):
+    _, reg = _stepped({"out": 1.0, "fc1": 1.0}, queue_batches=3)
+    state = reg.state_dict()
+    state["memories.1._extra_state"] = pointer
+    for stepped in (False, True):
+        target = _stepped({"out": 1.0, "fc1": 1.0}, queue_batches=3)[1] if stepped else \
+            NeuronSteadiness(MLP(4, [3], 2), {"out": 1.0, "fc1": 1.0}, num_classes=2, queue_batches=3)
+        _one_line_value_error(lambda t=target: t.load_state_dict(state), "layer 'fc1'.*" + match)
+        assert target.memories[1].ptr == (1 if stepped else 0)  # never set to the refused value
+        parent = nn.ModuleDict({"r": target})
+        _one_line_value_error(lambda p=parent: p.load_state_dict({"r." + k: v for k, v in state.items()}), match)
 
 
 def test_memory_is_registered_buffers_that_move_with_to():
     model = MLP(4, [3], 2)
     reg = NeuronSteadiness(model, {"out": 1.0}, num_classes=2, queue_batches=3)
+    assert dict(reg.named_buffers()) == {}  # made at the first step
     model(torch.randn(4, 4))
     reg(torch.tensor([0, 1, 1, 0]))
     names = {n for n, _ in reg.named_buffers()}
-    assert names == {"memory.ring", "memory.total", "memory.ptr", "memory.widths"}
+    assert names == {"memories.0.sums", "memories.0.counts"}
     reg.to("meta")
     assert all(b.device.type == "meta" for b in reg.buffers())
     reg.to(torch.float64)
-    assert reg.memory.total.dtype == torch.float64 and reg.memory.ptr.dtype == torch.long
+    assert reg.memories[0].sums.dtype == reg.memories[0].counts.dtype == torch.float64
+    assert reg.memories[0].ptr == 1 and reg.state_dict()["memories.0._extra_state"].dtype == torch.long
 
 
 # ---------------------------------------------------------------- hooks and memory use
@@ -428,32 +522,8 @@ def test_memory_flat_over_1000_steps():
         step()
     assert reg.outputs._captured == {}
     assert _live_tensors() == before
-    assert reg.memory.ring.shape == (5, 3, 10)  # K + 1 slots; 3 + 6 neurons side by side + 1 count column
-
-
-def test_step_cost_does_not_depend_on_K_or_C_and_never_syncs():
-    """Same ops, whatever K and C: no stack over the queue, no loop over classes, no .item()."""
-    from torch.profiler import ProfilerActivity, profile
-
-    def ops(K, num_classes):
-        model = MLP(8, [6], num_classes)
-        reg = NeuronSteadiness(model, {"out": 1.0}, num_classes=num_classes, queue_batches=K,
-                               check_labels=False)
-        x, y = torch.randn(12, 8), torch.arange(12) % 3
-        model(x)
-        reg(y)  # allocates; the next step is neither the first nor a wrap-around
-        logits = model(x)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            reg(y)
-        events = [e for e in prof.events() if e.name.startswith("aten::")]
-        # Ops called from Python; ops inside them may vary with sizes (internal dispatch choices).
-        top = [e.name for e in events if e.cpu_parent is None]
-        return top, {e.name for e in events}
-
-    (small, all_small), (large_k, _), (large_c, _) = ops(3, 4), ops(50, 4), ops(3, 40)
-    assert small == large_k == large_c
-    assert len(small) <= 20, small  # 17 today: rows, slot write, ring update, pointer, means, loss
-    assert not {"aten::stack", "aten::item", "aten::_local_scalar_dense", "aten::nonzero"} & all_small
+    assert [tuple(m.sums.shape) for m in reg.memories] == [(4, 3, 3), (4, 3, 6)]  # K x C x D
+    assert [tuple(m.counts.shape) for m in reg.memories] == [(4, 3, 1), (4, 3, 1)]
 
 
 @needs_cuda
@@ -502,35 +572,37 @@ def test_lambdas_set_at_any_time_change_the_loss():
 
 
 @pytest.mark.parametrize("K", [1, 3])
-def test_ptr_buffer_is_true_after_every_step(K):
-    """ptr, read straight from the buffer (no state_dict), is the number of steps mod K + 1."""
+def test_pointer_is_true_after_every_step_and_loads(K):
+    """Each memory's ptr is the number of steps mod K; the state_dict carries it."""
     torch.manual_seed(0)
     model = MLP(4, [3], 2)
     reg = NeuronSteadiness(model, {"out": 1.0, "fc1": 1.0}, num_classes=2, queue_batches=K)
     y = torch.tensor([0, 1, 1, 0])
     steps = 0
-    for _ in range(3 * (K + 1) + 2):
+    for _ in range(3 * K + 2):
         model(torch.randn(4, 4))
         reg(y)
         steps += 1
-        assert int(reg.memory.ptr) == steps % (K + 1)
+        assert [m.ptr for m in reg.memories] == [steps % K] * 2
+        assert int(reg.state_dict()["memories.1._extra_state"]) == steps % K
     # Loaded into a fresh regularizer (here through a parent module's load_state_dict, as a
     # checkpoint of a whole training state would), or into a stepped one, the pointer comes from
-    # the saved `ptr` and stepping continues from it.
+    # the saved state and stepping continues from it.
     model2 = copy.deepcopy(model)
     fresh = NeuronSteadiness(model2, {"out": 1.0, "fc1": 1.0}, num_classes=2, queue_batches=K)
     nn.ModuleDict({"nsr": fresh}).load_state_dict({"nsr." + k: v for k, v in reg.state_dict().items()})
     model3 = copy.deepcopy(model)
     stepped = NeuronSteadiness(model3, {"out": 1.0, "fc1": 1.0}, num_classes=2, queue_batches=K)
     parent = nn.ModuleDict({"reg": stepped})
-    model3(torch.randn(4, 4)), stepped(y)  # its pointer moves on; the load must set it back
+    for _ in range(K + 1):  # its pointer moves on (K = 1: it stays at 0); the load must set it back
+        model3(torch.randn(4, 4)), stepped(y)
     parent.load_state_dict({"reg." + k: v for k, v in reg.state_dict().items()})
-    assert int(stepped.memory.ptr) == int(fresh.memory.ptr) == steps % (K + 1)
+    assert [m.ptr for m in stepped.memories] == [m.ptr for m in fresh.memories] == [steps % K] * 2
     x = torch.randn(4, 4)
     model(x), model2(x), model3(x)
     want = reg(y).item()
     assert fresh(y).item() == want and stepped(y).item() == want
-    assert int(fresh.memory.ptr) == int(stepped.memory.ptr) == (steps + 1) % (K + 1)
+    assert [m.ptr for m in fresh.memories] == [m.ptr for m in stepped.memories] == [(steps + 1) % K] * 2
 
 
 # ---------------------------------------------------------------- API and errors
@@ -606,8 +678,14 @@ def test_unknown_layer_name_lists_closest_valid_names():
     (dict(layers={}), "at least one layer"),
     (dict(num_classes=0), "num_classes must be a positive integer"),
     (dict(queue_batches=0), r"queue_batches \(K\) must be a positive integer"),
-    (dict(layers={"out": -1.0}), "lambda for NSR layer 'out' must be finite and >= 0"),
-    (dict(layers={"out": float("nan")}), "must be finite"),
+    (dict(layers={"out": -1.0}), r"lambda for NSR layer 'out' must be a finite number >= 0, got -1.0"),
+    (dict(layers={"out": float("nan")}), "must be a finite number >= 0, got nan"),
+    (dict(layers={"out": "0.5"}), r"lambda for NSR layer 'out' must be a number \(int or float\), got '0.5' of type str"),
+    (dict(layers=["out"], lam="abc"), r"must be a number \(int or float\), got 'abc' of type str"),
+    (dict(layers={"out": True}), "got True of type bool"),
+    (dict(layers=["out", "fc1", "out"]), "NSR layer 'out' is named twice"),
+    (dict(sync="yes"), "sync must be None, True or False"),
+    (dict(check_labels=1), "check_labels must be"),
     (dict(check_labels="sometimes"), "check_labels must be"),
 ])
 def test_constructor_errors(kwargs, match):
@@ -655,12 +733,15 @@ def test_changing_width_is_a_clear_error():
     net(torch.randn(2, 1, 6, 6))
     reg(torch.tensor([0, 1]))
     net(torch.randn(2, 1, 7, 7))
-    with pytest.raises(ValueError, match="changed width from 32 to 50 neurons.*per_channel=True"):
+    with pytest.raises(ValueError, match="NSR layer '0' gives 50 neurons, but its memory holds 32.*per_channel=True"):
         reg(torch.tensor([0, 1]))
 
 
-@pytest.mark.parametrize("check_labels", ["auto", True])
+@pytest.mark.parametrize("check_labels", ["auto", True, False])
 def test_bad_labels_leave_the_memory_untouched(check_labels):
+    """Checked labels fail before the memory changes. Unchecked (False), index_add_ fails on the
+    CPU after the oldest slot was cleared; the pointer stays, so the next step rewrites that slot
+    and training continues exactly as if the bad call had not happened."""
     torch.manual_seed(0)
     model = MLP(4, [3], 3)
     twin = copy.deepcopy(model)
@@ -672,17 +753,20 @@ def test_bad_labels_leave_the_memory_untouched(check_labels):
     _train_steps(twin, ref, data[:2])
     before = {k: v.clone() for k, v in reg.state_dict().items()}
     model(torch.randn(4, 4))
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\), got values in \[0, 7\]"):
-        reg(torch.tensor([0, 1, 7, 0]))
+    if check_labels is False:
+        with pytest.raises((IndexError, RuntimeError)):
+            reg(torch.tensor([0, 1, 7, 0]))
+    else:
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\), got values in \[0, 7\]"):
+            reg(torch.tensor([0, 1, 7, 0]))
     after = reg.state_dict()
+    assert set(after) == set(before)
     for key, value in before.items():
-        if key.endswith(".ring"):  # the free slot (index ptr) is scratch space; the K others count
-            free = int(before[key.replace(".ring", ".ptr")])
-            keep = [i for i in range(value.shape[0]) if i != free]
-            value, now = value[keep], after[key][keep]
-        else:
-            now = after[key]
+        now = after[key]
+        if check_labels is False and key.endswith((".sums", ".counts")):
+            value, now = value[1:], now[1:]  # slot 0, at the pointer, may have been cleared
         assert torch.equal(value, now), key
+    assert [m.ptr for m in reg.memories] == [0, 0]
     assert torch.is_grad_enabled()  # restored after the error
     assert _train_steps(model, reg, data[2:]) == _train_steps(twin, ref, data[2:])
 
@@ -717,3 +801,110 @@ def test_memory_loaded_on_cpu_follows_the_model_to_cuda():
     assert all(b.is_cuda for b in reg3.buffers())
     for (g, g_last), (w, w_last) in zip(got, want):
         assert g == pytest.approx(w, rel=1e-5)
+
+
+# ---------------------------------------------------------------- what NSR and CenterLoss share
+
+BOTH = [pytest.param(NeuronSteadiness, "NSR", id="NSR"), pytest.param(CenterLoss, "center-loss", id="center")]
+
+
+def _step(model, reg, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    model(torch.randn(6, 4, generator=g))
+    return reg(torch.tensor([0, 1, 1, 0, 1, 0]))
+
+
+@pytest.mark.parametrize("cls,what", BOTH)
+def test_lambdas_are_checked_on_every_set(cls, what):
+    model = MLP(4, [3], 2)
+    reg = cls(model, {"fc1": 0.5, "out": 2.0}, num_classes=2)
+    for bad, match in [(-5, rf"lambda for {what} layer 'out' must be a finite number >= 0, got -5$"),
+                       (float("inf"), "must be a finite number >= 0, got inf"),
+                       ("0.5", rf"lambda for {what} layer 'out' must be a number \(int or float\), got '0.5' of type str"),
+                       ("abc", r"got 'abc' of type str"),
+                       (True, "got True of type bool"),
+                       (None, "got None of type NoneType"),
+                       (torch.tensor(1.0), "of type Tensor")]:
+        with pytest.raises(ValueError, match=match):
+            reg.lambdas["out"] = bad
+        assert reg.lambdas["out"] == 2.0  # unchanged
+    with pytest.raises(ValueError, match=rf"'fc2' is not one of the {what} layers \['fc1', 'out'\]"):
+        reg.lambdas["fc2"] = 1.0
+    with pytest.raises(ValueError, match=r"layers are fixed; set lambdas\['out'\] = 0"):
+        del reg.lambdas["out"]
+    # A whole dict: the same layers, every value checked before any is taken.
+    with pytest.raises(ValueError, match=rf"lambdas must name exactly the {what} layers \['fc1', 'out'\]"):
+        reg.lambdas = {"fc1": 1.0}
+    with pytest.raises(ValueError, match="must be a number"):
+        reg.lambdas = {"fc1": 1.0, "out": "2"}
+    with pytest.raises(ValueError, match="must be a finite number >= 0"):
+        reg.lambdas.update(out=-1.0)
+    assert dict(reg.lambdas) == {"fc1": 0.5, "out": 2.0}
+    # Accepted values are floats, read at the next call.
+    reg.lambdas["out"] = 3
+    assert type(reg.lambdas["out"]) is float and reg.lambdas == {"fc1": 0.5, "out": 3.0}
+    total = _step(model, reg)
+    assert total.item() == pytest.approx(0.5 * reg.last["fc1"].item() + 3.0 * reg.last["out"].item(), rel=1e-6)
+    reg.lambdas = {"out": 0, "fc1": 1.5}
+    total = _step(model, reg, seed=1)
+    assert total.item() == pytest.approx(1.5 * reg.last["fc1"].item(), rel=1e-6)
+    assert all(v > 0 for v in reg.last.values())
+
+
+@pytest.mark.parametrize("cls,what", BOTH)
+@pytest.mark.parametrize("wrapped,names", [
+    (False, ["out", "module.out"]), (True, ["out", "module.out"]), (False, {"fc1": 1.0, "_orig_mod.fc1": 2.0}),
+    (True, ["module._orig_mod.fc1", "fc1"])])
+def test_one_layer_under_two_spellings_is_refused(cls, what, wrapped, names):
+    model = MLP(4, [3], 2)
+    first, second = list(names)
+    with pytest.raises(ValueError, match=rf"^{what} layers {first!r} and {second!r} are the same module of the "
+                                         r"model; name each layer once$"):
+        cls(FakeDDP(model) if wrapped else model, names, num_classes=2)
+    assert not any(m._forward_hooks for m in model.modules())  # refused before any hook was set
+
+
+@pytest.mark.parametrize("cls,what", BOTH)
+def test_a_removed_regularizer_says_so(cls, what):
+    model = MLP(4, [3], 2)
+    reg = cls(model, ["out"], num_classes=2)
+    _step(model, reg)
+    reg.remove()
+    assert not model.out._forward_hooks
+    with pytest.raises(ValueError, match=rf"^this {what} regularizer was removed: its hooks are gone; make a new one$"):
+        _step(model, reg)
+    reg.remove()  # twice is harmless
+
+
+@pytest.mark.parametrize("cls,what", BOTH)
+def test_a_deep_copy_says_it_has_no_hooks(cls, what):
+    model = MLP(4, [3], 2)
+    reg = cls(model, {"out": 0.5, "fc1": 1.0}, num_classes=2)
+    _step(model, reg)
+    twin = copy.deepcopy(reg)
+    assert all(torch.equal(v, twin.state_dict()[k]) for k, v in reg.state_dict().items())
+    with pytest.raises(ValueError, match=rf"^this {what} regularizer is a deep copy, and a deep copy of a regularizer "
+                                         r"has no hooks on the model; build a new one for the copied model$"):
+        _step(model, twin)
+    assert math.isfinite(reg(torch.tensor([0, 1, 1, 0, 1, 0])).item())  # the original still has its hooks
+    twin.remove()
+    assert model.out._forward_hooks  # removing the copy leaves the original's hooks
+
+
+@pytest.mark.parametrize("cls,what", BOTH)
+def test_sync_check_labels_and_last_follow_one_rule(cls, what):
+    model = MLP(4, [3], 3)
+    reg = cls(model, "out", num_classes=3)
+    assert reg.sync is None and reg.last == {}
+    _step(model, reg)
+    assert reg.sync is False  # decided at the first call: no process group here
+    last = reg.last
+    assert set(last) == {"out"} and not last["out"].requires_grad and last["out"].dim() == 0
+    last.clear()
+    assert set(reg.last) == {"out"}  # a copy
+    # "auto" on CPU: every call checks the range, not just the first.
+    model(torch.randn(6, 4))
+    with pytest.raises(ValueError, match=rf"^{what} labels must lie in \[0, 3\), got values in \[0, 3\]$"):
+        reg(torch.tensor([0, 1, 3, 0, 1, 0]))
+    with pytest.raises(ValueError, match=f"'fc1' is not one of the {what} layers"):
+        (reg.class_means if cls is NeuronSteadiness else reg.centers)("fc1")
