@@ -584,6 +584,7 @@ CRAFTED = {  # name: (mutation, the fragment of the one error line)
     "meter-correct": (_set(["meter", "correct"], torch.tensor(10_000)), "meter correct must be a count in 0..448"),
     "meter-losses": (_set(["meter", "losses"], lambda t: t * float("nan")), "meter losses must be 3 finite sums"),
     "missing-part": (lambda s: s.pop("meter"), "it lacks meter"),
+    "nsr-memory-missing": (_set(["nsr"], {}), "nsr holds no regularizer state after 50 steps"),
     "nsr-memory-shape": (lambda s: s["nsr"].update({k: torch.zeros(2, 2) for k in list(s["nsr"])[:1]}), ""),
 }
 
@@ -623,7 +624,7 @@ def test_a_run_file_that_is_a_folder_is_refused(tmp_path, capsys):
     (out / "last.pt").mkdir(parents=True)
     code, err = run_main(capsys, [*FAST, "--max-steps", "2", "--out", str(out), "--resume"])
     assert code == 2
-    one_error_line(err, f"{out / 'last.pt'} is not a file that a run wrote (a folder or a link); move it away")
+    one_error_line(err, f"{out / 'last.pt'} is not a regular file (a folder, a link, a pipe, ...); move it away")
 
 
 # ---------------------------------------------------------------------------------- 4. the machine

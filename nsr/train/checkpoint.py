@@ -17,6 +17,7 @@ import math
 import os
 import pickle
 import random
+import warnings
 
 import numpy as np
 import torch
@@ -51,7 +52,9 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} not found")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on odd pickles: the verdict is below, in one line
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         if "GLOBAL" not in str(e):  # not a forbidden object: bytes that are no pickle of ours
             raise _not_a_checkpoint(path, e) from None
@@ -179,6 +182,9 @@ def check_training_state(trainer, path: str, state: dict) -> tuple[Position, dic
     pos = Position.from_state(state["position"])
     check_position(pos, len(trainer.data.train))
     check_meter(state["meter"], pos.step, trainer.cfg.batch_size, trainer.data.train.num_samples)
+    if trainer.reg is not None and pos.global_step > 0 and not state["nsr"]:
+        # the regularizer's memory is made at the first step; its content the library checks on load
+        raise ValueError(f"nsr holds no regularizer state after {pos.global_step} steps")
     last_epoch = state["scheduler"].get("last_epoch") if isinstance(state["scheduler"], dict) else None
     if last_epoch != pos.epoch or not _is_int(last_epoch):
         raise ValueError(f"scheduler last_epoch {last_epoch!r} is not the position's epoch {pos.epoch}")
@@ -196,21 +202,19 @@ def check_tensors(saved, live: dict, what: str) -> None:
         raise ValueError(f"{what} " + (f"lacks {missing[0]}" if missing else f"has {unexpected[0]!r}, which "
                                        "this run's model does not"))
     for name, want in live.items():
-        _check_tensor(saved[name], want.shape, want.dtype, f"{what}: {name}")
+        _check_tensor(saved[name], want.shape, want.dtype, what, name)
 
 
-def _check_tensor(value, shape, dtype, what: str) -> None:
-    """`what`: "<part>: <name>", e.g. "model: fc1.weight"."""
-    part, _, name = what.rpartition(": ") if ": " in what else ("", "", what)
-    where = f"{part}: " if part else ""
+def _check_tensor(value, shape, dtype, part: str, name: str) -> None:
+    """One tensor `name` of the checkpoint's `part` (model, optimizer, rng)."""
     if not torch.is_tensor(value):
-        raise ValueError(f"{where}{name} is {type(value).__name__}, not a tensor")
+        raise ValueError(f"{part}: {name} is {type(value).__name__}, not a tensor")
     if value.shape != shape:
-        raise ValueError(f"{where}size mismatch for {name}: {tuple(value.shape)} saved, {tuple(shape)} in this run")
+        raise ValueError(f"{part}: size mismatch for {name}: {tuple(value.shape)} saved, {tuple(shape)} in this run")
     if value.dtype != dtype:
-        raise ValueError(f"{where}dtype mismatch for {name}: {value.dtype} saved, {dtype} in this run")
+        raise ValueError(f"{part}: dtype mismatch for {name}: {value.dtype} saved, {dtype} in this run")
     if value.is_floating_point() and not torch.isfinite(value).all():
-        raise ValueError(f"{where}{name} holds NaN or infinite values")
+        raise ValueError(f"{part}: {name} holds NaN or infinite values")
 
 
 def check_optimizer(saved, optimizer: torch.optim.Optimizer) -> None:
@@ -244,7 +248,7 @@ def check_optimizer(saved, optimizer: torch.optim.Optimizer) -> None:
         for key, (per_parameter, dtype) in expected.items():
             shape = params[index].shape if per_parameter else torch.Size([])
             _check_tensor(entry[key], shape, params[index].dtype if per_parameter else dtype,
-                          f"optimizer: {key} of parameter {index}")
+                          "optimizer", f"{key} of parameter {index}")
 
 
 def _per_parameter_state(optimizer: torch.optim.Optimizer) -> dict[str, tuple[bool, torch.dtype]]:
@@ -280,11 +284,11 @@ def check_scaler(saved, live: dict) -> None:
 def check_rng(saved) -> None:
     if not isinstance(saved, dict):
         raise ValueError("rng must be a mapping")
-    _check_tensor(saved.get("torch"), torch.get_rng_state().shape, torch.uint8, "rng: torch state")
+    _check_tensor(saved.get("torch"), torch.get_rng_state().shape, torch.uint8, "rng", "torch state")
     n = saved.get("numpy")
     if not isinstance(n, dict):
         raise ValueError("rng numpy must be a mapping")
-    _check_tensor(n.get("keys"), torch.Size([624]), torch.int64, "rng: numpy keys")
+    _check_tensor(n.get("keys"), torch.Size([624]), torch.int64, "rng", "numpy keys")
     if not bool(((n["keys"] >= 0) & (n["keys"] < 2**32)).all()):
         raise ValueError("rng numpy keys lie outside 0..2**32-1")
     if not _is_int(n.get("pos")) or not 0 <= n["pos"] <= 624 or n.get("has_gauss") not in (0, 1) \
@@ -303,7 +307,7 @@ def check_rng(saved) -> None:
         if not isinstance(cuda, (list, tuple)) or len(cuda) > torch.cuda.device_count():
             raise ValueError("rng cuda must hold one state per GPU of this machine at most")
         for i, s in enumerate(cuda):
-            _check_tensor(s, torch.cuda.get_rng_state(0).shape, torch.uint8, f"rng: cuda state {i}")
+            _check_tensor(s, torch.cuda.get_rng_state(0).shape, torch.uint8, "rng", f"cuda state {i}")
 
 
 def check_position(pos: Position, steps_per_epoch: int) -> None:

@@ -214,8 +214,12 @@ def apply_overrides(cfg: Config, values: dict[str, Any], source: str) -> Config:
     """Set keys on cfg, checking names and types; `source` says where they came from."""
     types = _field_types()
     valid = [k for k in types if k not in CLI_ONLY or source == "command line"]
-    for key, value in values.items():
-        key = str(key).replace("-", "_") if str(key) != "lambda" else "lambda"
+    spelled: dict[str, str] = {}
+    for given, value in values.items():
+        key = str(given).replace("-", "_") if str(given) != "lambda" else "lambda"
+        if key in spelled:  # batch-size and batch_size: one key, and one value would be dropped
+            raise UserError(f"{source}: {key!r} is given twice (as {spelled[key]!r} and {str(given)!r}); keep one")
+        spelled[key] = str(given)
         if key in CLI_ONLY and key not in valid:
             raise UserError(f"{source}: {key!r} is a command-line option only (--{key}); remove it")
         if key not in valid:

@@ -82,6 +82,10 @@ class OutputFolder:
             self._created.append(path)  # deepest first
             path = os.path.dirname(path)
         lock = self.file(LOCK_NAME)
+        if os.path.islink(lock) or (os.path.lexists(lock) and not os.path.isfile(lock)):
+            # never followed, never written through: it is no lock file of ours
+            raise UserError(f"{lock} is {'a link' if os.path.islink(lock) else 'not a file'}, not the lock file "
+                            "a run makes; remove it, or choose another --out")
         try:
             os.makedirs(self.path, exist_ok=True)
             while True:
@@ -144,6 +148,11 @@ class OutputFolder:
     def prepare(self, resume: bool, overwrite: bool) -> str | None:
         """Before anything loads: check that this run may use the folder. Returns the checkpoint
         to resume from, or None. Reads only: every rank runs it, after rank 0's repair()."""
+        for name in RUN_FILES:
+            path = self.file(name)
+            if os.path.lexists(path) and (os.path.islink(path) or not os.path.isfile(path)):
+                raise UserError(f"{path} is not a regular file (a folder, a link, a pipe, ...); move it away, "
+                                "or choose another --out")
         last = self.file("last.pt")
         if resume and os.path.isfile(last):
             return last
