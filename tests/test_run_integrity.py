@@ -606,6 +606,34 @@ def test_checkpoint_contents_are_checked_before_anything_is_used(mid_epoch, tmp_
     assert fingerprint(out) == before
 
 
+ADAM = [*RUN, "--optimizer", "adam", "--lr", "0.001"]
+
+
+@pytest.mark.parametrize("case, mutate, fragment", [
+    ("step-negative", _set(["optimizer", "state", 0, "step"], torch.tensor(-5.0)),
+     "optimizer step of parameter 0 is -5.0, not a count of 0..40 steps"),
+    ("step-beyond-the-steps-taken", _set(["optimizer", "state", 0, "step"], torch.tensor(41.0)),
+     "optimizer step of parameter 0 is 41.0, not a count of 0..40 steps"),
+    ("square-average-negative", _set(["optimizer", "state", 2, "exp_avg_sq"], lambda t: -t - 1),
+     "optimizer exp_avg_sq of parameter 2 holds negative values"),
+    ("betas", _set(["optimizer", "param_groups", 0, "betas"], (0.5, 0.5)),
+     "optimizer betas is (0.5, 0.5), this run's is (0.9, 0.999)"),
+], ids=lambda v: v if isinstance(v, str) and " " not in v else "")
+def test_adam_counters_and_hyperparameters_are_checked(tmp_path, capsys, case, mutate, fragment):
+    """Adam's per-parameter step counter (a negative one makes a complex step size, a raw
+    traceback at the first step) and its squared averages."""
+    out = str(tmp_path / "run")
+    train(parse_args([*ADAM, "--max-steps", "40", "--out", out], default_config=MLP4))
+    last = os.path.join(out, "last.pt")
+    state = torch.load(last, weights_only=True)
+    mutate(state)
+    torch.save(state, last)
+    capsys.readouterr()
+    code, err = run_main(capsys, [*ADAM, "--max-steps", "60", "--out", out, "--resume"])
+    assert code == 2
+    one_error_line(err, f"checkpoint {last} does not fit this run (", fragment)
+
+
 def test_resuming_a_finished_run_reports_its_checkpoint_not_an_edited_metrics_json(tmp_path, capsys):
     out = tmp_path / "run"
     original = train(parse_args([*FAST, "--epochs", "2", "--out", str(out)], default_config=MLP4))

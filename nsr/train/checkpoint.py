@@ -174,17 +174,17 @@ def check_training_state(trainer, path: str, state: dict) -> tuple[Position, dic
     if missing:
         raise ValueError(f"it lacks {', '.join(missing)}")
     check_tensors(state["model"], trainer.model.state_dict(), "model")
-    check_optimizer(state["optimizer"], trainer.optimizer)
-    check_scaler(state["scaler"], trainer.scaler.state_dict())
-    if not isinstance(state["nsr"], dict):
-        raise ValueError("nsr must be a mapping of the regularizer's state")
-    check_rng(state["rng"])
     pos = Position.from_state(state["position"])
     check_position(pos, len(trainer.data.train))
     check_meter(state["meter"], pos.step, trainer.cfg.batch_size, trainer.data.train.num_samples)
+    check_optimizer(state["optimizer"], trainer.optimizer, pos.global_step)
+    check_scaler(state["scaler"], trainer.scaler.state_dict())
+    if not isinstance(state["nsr"], dict):
+        raise ValueError("nsr must be a mapping of the regularizer's state")
     if trainer.reg is not None and pos.global_step > 0 and not state["nsr"]:
         # the regularizer's memory is made at the first step; its content the library checks on load
         raise ValueError(f"nsr holds no regularizer state after {pos.global_step} steps")
+    check_rng(state["rng"])
     last_epoch = state["scheduler"].get("last_epoch") if isinstance(state["scheduler"], dict) else None
     if last_epoch != pos.epoch or not _is_int(last_epoch):
         raise ValueError(f"scheduler last_epoch {last_epoch!r} is not the position's epoch {pos.epoch}")
@@ -217,10 +217,15 @@ def _check_tensor(value, shape, dtype, part: str, name: str) -> None:
         raise ValueError(f"{part}: {name} holds NaN or infinite values")
 
 
-def check_optimizer(saved, optimizer: torch.optim.Optimizer) -> None:
+# Per-parameter state that is a mean of squares: a negative value would be a square root of one.
+_NONNEGATIVE_STATE = {"exp_avg_sq", "max_exp_avg_sq"}
+
+
+def check_optimizer(saved, optimizer: torch.optim.Optimizer, steps: int) -> None:
     """The saved optimizer has this run's parameter groups and hyperparameters (the learning rate
     is checked against the schedule) and, per parameter, the state this optimizer keeps, shaped
-    like the parameter."""
+    like the parameter; its counters (Adam's step) are whole numbers in 0..steps (the optimizer
+    steps taken; fewer when the AMP scaler skipped some)."""
     live = optimizer.state_dict()
     if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict) \
             or not isinstance(saved.get("param_groups"), list):
@@ -249,6 +254,12 @@ def check_optimizer(saved, optimizer: torch.optim.Optimizer) -> None:
             shape = params[index].shape if per_parameter else torch.Size([])
             _check_tensor(entry[key], shape, params[index].dtype if per_parameter else dtype,
                           "optimizer", f"{key} of parameter {index}")
+            value = entry[key]
+            if not per_parameter and not (0 <= float(value) <= steps and float(value).is_integer()):
+                raise ValueError(f"optimizer {key} of parameter {index} is {float(value)!r}, not a count of "
+                                 f"0..{steps} steps")
+            if key in _NONNEGATIVE_STATE and bool((value < 0).any()):
+                raise ValueError(f"optimizer {key} of parameter {index} holds negative values")
 
 
 def _per_parameter_state(optimizer: torch.optim.Optimizer) -> dict[str, tuple[bool, torch.dtype]]:
