@@ -31,9 +31,8 @@ import torch
 import torch.multiprocessing as mp
 import yaml
 
-import nsr.train.checkpoint as checkpoint
-import nsr.train.engine as engine
 from nsr.experiments import report
+from nsr.train import checkpoint, engine
 from nsr.train.checkpoint import load_checkpoint, load_resumable
 from nsr.train.config import parse_args
 from nsr.train.engine import main, train
@@ -108,6 +107,11 @@ def same_weights(a: str, b: str) -> bool:
         all(torch.equal(sa["nsr"][k], sb["nsr"][k]) for k in sa["nsr"])
 
 
+def read(path) -> str:
+    with open(path) as f:
+        return f.read()
+
+
 def strict_json(path) -> dict:
     def refuse(constant):
         raise ValueError(f"{constant} is not JSON")
@@ -139,7 +143,7 @@ def test_a_second_run_on_a_folder_in_use_is_refused_naming_the_holder(tmp_path, 
                    "started ", "); wait for it to end, or choose another --out")
     assert LOCK_NAME in second["listing"], "the lock lives in OUT while the run does"
     assert sorted(os.listdir(out)) == sorted(RUN_FILES), "released (and removed) at the end"
-    assert yaml.safe_load(open(os.path.join(out, "config.yaml")))["lr"] == 0.05, "config.yaml is the owner's"
+    assert yaml.safe_load(read(os.path.join(out, "config.yaml")))["lr"] == 0.05, "config.yaml is the owner's"
     assert load_checkpoint(os.path.join(out, "last.pt"))["config"]["lr"] == 0.05
     assert outcome(strict_json(os.path.join(out, "metrics.json"))) == outcome(reference)
     assert same_weights(os.path.join(out, "last.pt"), os.path.join(alone, "last.pt"))
@@ -200,7 +204,8 @@ def test_two_scripts_on_one_folder_one_owner_then_sigterm_saves_it(tmp_path):
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         _wait_for(os.path.join(out, "config.yaml"), first)  # it has loaded and owns the folder
-        second = subprocess.run([*script, "--lr", "0.5"], cwd=ROOT, text=True, capture_output=True, timeout=180)
+        second = subprocess.run([*script, "--lr", "0.5"], cwd=ROOT, text=True, capture_output=True, timeout=180,
+                                check=False)
         assert second.returncode == 2
         one_error_line(second.stderr, f"{out} is in use by another run (pid {first.pid} on ")
         assert first.poll() is None, "the second run did not disturb the first"
@@ -214,7 +219,7 @@ def test_two_scripts_on_one_folder_one_owner_then_sigterm_saves_it(tmp_path):
                         "continue with --resume", stderr.strip()), stderr
     state = load_checkpoint(os.path.join(out, "last.pt"))
     assert state["position"]["step"] > 0 and state["config"]["lr"] == 0.01
-    assert yaml.safe_load(open(os.path.join(out, "config.yaml")))["lr"] == 0.01
+    assert yaml.safe_load(read(os.path.join(out, "config.yaml")))["lr"] == 0.01
     assert strict_json(os.path.join(out, "metrics.json"))["stopped_by"] == "SIGTERM"
     assert set(os.listdir(out)) <= set(RUN_FILES), "the lock went with its owner"
 
@@ -256,7 +261,7 @@ def test_torchrun_ranks_follow_rank_0s_lock_and_a_resume_keeps_the_process_count
         mp.spawn(_rank, args=(_free_port(), out, dump, ["--max-steps", "2"]), nprocs=2, join=True)
     finally:
         holder.release()
-    errors = [open(os.path.join(dump, f"rank{r}.error")).read() for r in (0, 1)]
+    errors = [read(os.path.join(dump, f"rank{r}.error")) for r in (0, 1)]
     assert errors[0].startswith(f"{out} is in use by another run (pid {os.getpid()} on ")
     assert errors[1] == f"rank 1: rank 0 could not take the output folder {out}"
     assert not os.path.exists(out), "nothing was written"
@@ -275,7 +280,7 @@ def test_torchrun_ranks_follow_rank_0s_lock_and_a_resume_keeps_the_process_count
     train(parse_args([*FAST, "--max-steps", "2", "--out", single], default_config=MLP4))
     mp.spawn(_rank, args=(_free_port(), single, dump, ["--max-steps", "4", "--resume"]), nprocs=2, join=True)
     for r in (0, 1):
-        assert open(os.path.join(dump, f"rank{r}.error")).read().startswith(
+        assert read(os.path.join(dump, f"rank{r}.error")).startswith(
             f"cannot resume {single}/last.pt: it was trained by 1 process and this run has 2 processes (torchrun)")
 
 
@@ -676,8 +681,8 @@ WRITE_FAILURES = {  # name: (the file that fails at the end of epoch 2, how, the
     "disk-full-in-torch-save": ("last.pt", _enospc_from_torch_save, "No space left on device", 1),
     "torch-runtime-error-from-a-full-disk": ("last.pt", _runtime_error_from_enospc, "No space left on device", 1),
     "torch-runtime-error-without-cause": ("last.pt", _runtime_error_alone,
-                                          "the write failed ([enforce fail at inline_container.cc:672] . "
-                                          "unexpected pos 704 vs 598)", 1),
+                                          ("the write failed ([enforce fail at inline_container.cc:672] . "
+                                           "unexpected pos 704 vs 598)"), 1),
     "permission-denied-on-rename": ("metrics.json", PermissionError(errno.EACCES, "Permission denied"),
                                     "Permission denied", 2),
     "io-error-on-fsync": ("history.csv", OSError(errno.EIO, "Input/output error"), "Input/output error", 2),

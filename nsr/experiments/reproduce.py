@@ -32,8 +32,8 @@ import sys
 from pathlib import Path
 
 from models import is_mlp
-from nsr.train.config import parse_args as parse_config
 from nsr.train.config import REGULARIZER_KEYS, to_dict, unused_settings
+from nsr.train.config import parse_args as parse_config
 from nsr.train.errors import (
     ArgumentParser,
     RunInterrupted,

@@ -186,7 +186,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def safe_load_unique(stream) -> Any:
     """yaml.safe_load that refuses duplicate keys (a yaml.YAMLError naming the key and its lines)."""
-    return yaml.load(stream, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    return yaml.load(stream, Loader=_UniqueKeyLoader)  # safe: a SafeLoader subclass
 
 
 def load_yaml(path: str) -> dict[str, Any]:
