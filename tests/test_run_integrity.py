@@ -185,6 +185,22 @@ def test_only_the_projects_own_temporaries_are_removed(tmp_path, capsys):
     assert all((out / name).read_bytes() == b"the user's" for name in users)
 
 
+@pytest.mark.parametrize("kind", ["link", "folder"])
+def test_a_lock_name_taken_by_something_else_is_never_followed(tmp_path, capsys, kind):
+    out, victim = tmp_path / "run", tmp_path / "victim.txt"
+    out.mkdir()
+    victim.write_text("precious\n")
+    if kind == "link":
+        (out / LOCK_NAME).symlink_to(victim)
+    else:
+        (out / LOCK_NAME).mkdir()
+    code, err = run_main(capsys, [*FAST, "--max-steps", "2", "--out", str(out)])
+    assert code == 2
+    one_error_line(err, f"{out / LOCK_NAME} is {'a link' if kind == 'link' else 'not a file'}, not the lock file a "
+                   "run makes; remove it, or choose another --out")
+    assert victim.read_text() == "precious\n" and sorted(os.listdir(out)) == [LOCK_NAME]
+
+
 def _wait_for(path: str, proc: subprocess.Popen, seconds: float = 120) -> None:
     deadline = time.monotonic() + seconds
     while not os.path.exists(path):
@@ -392,6 +408,30 @@ def test_sigterm_saves_the_position_and_resume_is_a_straight_run(tmp_path, capsy
     assert same_weights(str(tmp_path / "a" / "last.pt"), os.path.join(out, "last.pt"))
 
 
+def test_a_second_signal_does_not_cut_the_save_short(tmp_path, capsys, monkeypatch):
+    """Ctrl-C, then SIGTERM while the checkpoint is being written (a scheduler's signal after the
+    user's): the save completes; the second signal raises nothing there."""
+    calls, plain_step, plain_save = [0], engine.Trainer.train_step, engine.Trainer.save
+
+    def step_then_sigint(self, xb, yb):
+        plain_step(self, xb, yb)
+        calls[0] += 1
+        if calls[0] == 20:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def sigterm_then_save(self, name):
+        os.kill(os.getpid(), signal.SIGTERM)
+        plain_save(self, name)
+
+    monkeypatch.setattr(engine.Trainer, "train_step", step_then_sigint)
+    monkeypatch.setattr(engine.Trainer, "save", sigterm_then_save)
+    out = str(tmp_path / "run")
+    code, err = run_main(capsys, [*FAST, "--epochs", "2", "--out", out])
+    assert code == 130
+    assert err.strip() == f"interrupted in epoch 1 at step 20; saved {out}/last.pt; continue with --resume"
+    assert load_checkpoint(os.path.join(out, "last.pt"))["position"]["step"] == 20
+
+
 @pytest.mark.parametrize("steps", [50, STEPS], ids=["inside-an-epoch", "at-an-epoch-end"])
 def test_a_max_steps_stop_is_not_finished_and_a_plain_rerun_points_to_resume(tmp_path, capsys, steps):
     out = str(tmp_path / "run")
@@ -412,6 +452,17 @@ def test_a_max_steps_stop_is_not_finished_and_a_plain_rerun_points_to_resume(tmp
     assert outcome(again) == outcome(first) and again["partial_epoch"] == first["partial_epoch"]
     assert fingerprint(out)["last.pt"] == before["last.pt"], "nothing trained, nothing saved again"
     assert "continue with --resume" in capsys.readouterr().out
+
+
+def test_results_without_their_checkpoint_are_not_overwritten_in_silence(mid_epoch, tmp_path, capsys):
+    out = _copy(mid_epoch, tmp_path)
+    os.remove(os.path.join(out, "last.pt"))
+    before = fingerprint(out)
+    code, err = run_main(capsys, [*FAST, "--epochs", "3", "--out", out])
+    assert code == 2
+    one_error_line(err, f"{out} holds files of an earlier run (metrics.json, history.csv, best.pt) but no last.pt "
+                   "to continue from; pass --overwrite to start again")
+    assert fingerprint(out) == before
 
 
 def _yaml(tmp_path, name, text) -> str:

@@ -349,9 +349,13 @@ def _train_in(folder: OutputFolder, cfg: Config, rt: Runtime, hooks: RunHooks) -
                  config_text=yaml.safe_dump(to_dict(cfg), sort_keys=False))
     try:
         with StopRequest() as stop, enough_memory():
-            metrics = trainer.fit(stop)
-    except Interrupted as e:
-        raise _interrupted(trainer, e.args[0]) from None
+            try:
+                metrics = trainer.fit(stop)
+            except Interrupted as e:
+                stop.honoring = True  # a further signal must not cut the save short (SIGKILL still can)
+                raise _interrupted(trainer, e.args[0]) from None
+    except RunInterrupted:
+        raise
     except BaseException as e:
         if folder.abandon() and isinstance(e, UserError):
             raise type(e)(f"{e}; the previous run in {cfg.out} is kept as it was") from None

@@ -175,6 +175,10 @@ class OutputFolder:
             if os.path.isfile(last):
                 raise UserError(f"{self.path} holds an unfinished run; pass --resume to continue it, "
                                 "or --overwrite to start again")
+            if present:  # a run's results without its checkpoint: not to be overwritten in silence
+                raise UserError(f"{self.path} holds files of an earlier run ({', '.join(present)}) but no last.pt "
+                                "to continue from; pass --overwrite to start again (they are kept until the new "
+                                "run's first checkpoint), or choose another --out")
         return None
 
     def begin(self, replace: bool, config_text: str) -> None:

@@ -8,8 +8,9 @@ and saves.
 
 SIGTERM is what cluster schedulers (and `kill`) send before they kill a job, so it is treated like
 Ctrl-C (SIGINT). The first signal only sets `requested` (and `signal_name`); a second one raises
-KeyboardInterrupt at once (for a loop that is stuck). Outside the main thread signals cannot be
-caught, and the block changes nothing.
+KeyboardInterrupt at once (for a loop that is stuck), unless the caller is already honoring the
+request (`honoring`: saving the checkpoint), which a second signal must not cut short. Outside the
+main thread signals cannot be caught, and the block changes nothing.
 """
 
 from __future__ import annotations
@@ -24,9 +25,12 @@ class StopRequest:
     def __init__(self):
         self.requested = False
         self.signal_name: str | None = None   # "SIGINT" or "SIGTERM", once requested
+        self.honoring = False                   # set by the caller while it stops and saves
         self._previous: dict = {}
 
     def _on_signal(self, signum, frame) -> None:
+        if self.honoring:
+            return
         if self.requested:
             raise KeyboardInterrupt
         self.requested, self.signal_name = True, signal.Signals(signum).name
