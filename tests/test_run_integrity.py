@@ -32,6 +32,7 @@ import torch.multiprocessing as mp
 import yaml
 
 from nsr.experiments import report
+from nsr.search import launcher
 from nsr.train import checkpoint, engine
 from nsr.train.checkpoint import load_checkpoint, load_resumable
 from nsr.train.config import parse_args
@@ -490,6 +491,22 @@ def test_contradicting_or_repeated_inputs_are_refused(tmp_path, capsys, case):
     assert code == 2
     one_error_line(err, *fragments)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_search_config_with_a_key_given_twice_is_refused(tmp_path):
+    """The same YAML loader reads configs/nni/*.yml for python -m nsr search."""
+    nni_yml = tmp_path / "dup.yml"
+    nni_yml.write_text("experimentName: x\nmaxTrialNumber: 2\nmaxTrialNumber: 3\n")
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with pytest.raises(UserError, match=r"is not valid YAML at line 3: key 'maxTrialNumber' is given twice "
+                                            r"\(first at line 2\); keep one"):
+            launcher.main([str(nni_yml), "--port", "0", "--out", str(tmp_path / "out"),
+                           "--experiment-dir", str(tmp_path / "nni")])
+    finally:
+        for s, handler in handlers.items():  # main() installs its own
+            signal.signal(s, handler)
+    assert not (tmp_path / "nni").exists()
 
 
 @pytest.mark.parametrize("argv, fragment", [
