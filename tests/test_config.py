@@ -41,8 +41,9 @@ def test_command_line_overrides_yaml_which_overrides_defaults(tmp_path):
     cfg = parse_args(["--config", path, "--epochs", "3", "--lambda", "2.5"], defaults={"lr": 0.2, "seed": 4})
     assert (cfg.lr, cfg.epochs, cfg.lambda_, cfg.seed) == (0.5, 3, [2.5], 4)
     assert Config().lr == 0.01
-    cfg = parse_args(["--config", path, "--regularizer", "none", "--nsr-layers", "fc1", "out", "--lambda", "1", "2"])
-    assert cfg.regularizer == "none" and cfg.nsr_layers == ["fc1", "out"] and cfg.lambda_ == [1.0, 2.0]
+    # a vanilla run reads no NSR setting: flags for them are refused (tests/test_run_integrity.py)
+    with pytest.raises(UserError, match="--nsr-layers has no effect here"):
+        parse_args(["--config", path, "--regularizer", "none", "--nsr-layers", "fc1", "out", "--lambda", "1", "2"])
 
 
 def test_one_lambda_is_shared_by_all_layers():

@@ -86,7 +86,7 @@ def test_max_steps_stop_inside_an_epoch_resumes_like_a_straight_run(tmp_path):
     --max-steps 50 must run the other 21 steps of epoch 1, then 14 of epoch 2, as a straight run does."""
     straight = train(parse_args([*FAST, "--epochs", "5", "--max-steps", "50", "--out", str(tmp_path / "a")]))
     first = train(parse_args([*FAST, "--epochs", "5", "--max-steps", "15", "--out", str(tmp_path / "b")]))
-    assert (first["global_steps"], first["epochs"], first["finished"]) == (15, 0, True)
+    assert (first["global_steps"], first["epochs"], first["finished"], first["stopped_by"]) == (15, 0, False, "max_steps")
     assert first["history"] == [] and first["best_epoch"] == -1, "a partial epoch is not a finished one"
     partial = first["partial_epoch"]
     assert (partial["epoch"], partial["step"], partial["of"]) == (1, 15, 36)

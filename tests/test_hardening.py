@@ -58,6 +58,8 @@ from nsr.train.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from nsr.train.config import parse_args
 from nsr.train.datasets import IDX_FILES, offline_reason
 from nsr.train.engine import main, train
+from nsr.train.fileio import WriteError
+from nsr.train.outdir import LOCK_NAME
 from tests.conftest import ROOT
 from tests.test_data import write_mnist_like
 
@@ -327,13 +329,12 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     save_checkpoint({"model": {"w": torch.ones(3)}}, path)
     good = open(path, "rb").read()
 
-    def dies_halfway(obj, target):
-        with open(target, "wb") as f:
-            f.write(good[:100])
+    def dies_halfway(obj, f):  # save_checkpoint hands torch.save an open file
+        f.write(good[:100])
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(checkpoint.torch, "save", dies_halfway)
-    with pytest.raises(OSError):
+    with pytest.raises(WriteError, match="No space left on device"):
         save_checkpoint({"model": {"w": torch.zeros(3)}}, path)
     assert open(path, "rb").read() == good and os.listdir(tmp_path) == ["last.pt"]
     assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
@@ -490,7 +491,8 @@ def test_overwrite_that_raises_before_its_first_checkpoint_keeps_the_finished_ru
 
     def fails_at_step_3(self, xb, yb):
         if self.pos.step == 2:
-            assert set(os.listdir(out)) == {"config.yaml", f".previous-{os.getpid()}"}, "the old run is set aside"
+            assert set(os.listdir(out)) == {"config.yaml", f".previous-{os.getpid()}", LOCK_NAME}, \
+                "the old run is set aside"
             raise RuntimeError("a bug in the training step")
         step(self, xb, yb)
 

@@ -137,7 +137,8 @@ def collect(out: Path, models: list[str], variants: list[str], seeds: list[int] 
                 metrics = read_metrics(folder)
                 if metrics is None or metrics.get("finished") is not True:
                     if folder.is_dir():
-                        warn(f"{folder} is not a finished run; left out of the table")
+                        why = " (stopped by --max-steps)" if (metrics or {}).get("stopped_by") == "max_steps" else ""
+                        warn(f"{folder} is not a finished run{why}; left out of the table")
                     continue
                 test_error(metrics, folder)  # a damaged value fails here, before anything is written
                 runs[seed] = metrics

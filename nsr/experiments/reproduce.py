@@ -32,8 +32,8 @@ import sys
 from pathlib import Path
 
 from models import is_mlp
+from nsr.train.config import REGULARIZER_KEYS, to_dict, unused_settings
 from nsr.train.config import parse_args as parse_config
-from nsr.train.config import to_dict
 from nsr.train.errors import (
     ArgumentParser,
     RunInterrupted,
@@ -54,8 +54,6 @@ VARIANTS = (Variant("vanilla", nsr=False), Variant("nsr"))
 # saved run and the command that would (re)train it.
 EXECUTION_KEYS = {"out", "data_dir", "device", "workers", "threads", "channels_last",
                   "eval_batch_size", "resume", "overwrite", "quiet"}
-# NSR settings mean nothing for a run without NSR.
-NSR_KEYS = {"nsr_layers", "lambda", "queue_batches", "active_only", "per_channel"}
 # Flags python -m nsr reproduce sets itself, per run.
 RESERVED_FLAGS = {"--config", "--out", "--seed", "--resume", "--overwrite", "--regularizer"}
 
@@ -125,7 +123,26 @@ def training_command(args, model: str, variant: Variant, seed: int, searched: li
                         ("--epochs", args.epochs)):
         if value is not None:
             cmd += [flag, str(value)]
-    return cmd + (searched if variant.nsr else []) + list(variant.flags) + args.extra
+    cmd += (searched if variant.nsr else []) + list(variant.flags)
+    return cmd + extra_for(cmd, args.extra)
+
+
+def extra_for(command: list[str], extra: list[str]) -> list[str]:
+    """--extra without the regularizer settings that this run (`command`) does not read: --extra
+    goes to every run, and an NSR setting there (--queue-batches 7) is meant for the NSR runs; the
+    training scripts refuse a flag that would change nothing."""
+    try:
+        unused = unused_settings(parse_config(command[2:]))
+    except UserError:
+        return extra  # the command itself is refused, with its run's name, by wanted_settings
+    kept, dropping = [], False
+    for token in extra:
+        if token.startswith("--"):
+            key = token[2:].split("=")[0].removeprefix("no-").replace("-", "_")
+            dropping = key in REGULARIZER_KEYS and key in unused
+        if not dropping:
+            kept.append(token)
+    return kept
 
 
 def wanted_settings(command: list[str], label: str) -> dict:
@@ -137,11 +154,10 @@ def wanted_settings(command: list[str], label: str) -> dict:
 
 
 def differences(saved: dict, wanted: dict) -> list[str]:
-    """'key: saved -> wanted' for every experiment setting that differs."""
-    unregularized = wanted.get("regularizer") == "none" and saved.get("regularizer") == "none"
-    skip = EXECUTION_KEYS | (NSR_KEYS if unregularized else set())
+    """'key: saved -> wanted' for every experiment setting that differs (settings a run does not
+    read are in neither: nsr/train/config.py to_dict leaves them out)."""
     return [f"{key}: {saved[key]!r} -> {value!r}" for key, value in wanted.items()
-            if key not in skip and key in saved and not _same(saved[key], value)]
+            if key not in EXECUTION_KEYS and key in saved and not _same(saved[key], value)]
 
 
 def _same(a, b) -> bool:

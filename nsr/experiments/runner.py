@@ -99,9 +99,12 @@ def execute(run: Run, log_dir: Path, progress: Progress, env: dict) -> str | Non
         metrics = report.read_metrics(run.folder) or {}
     except UserError:
         metrics = {}
-    if rc == 0 and metrics.get("finished") is True:
+    # --max-steps (say, in --extra for a smoke run) ends a run early by request: done, not failed
+    stopped = metrics.get("stopped_by") == "max_steps"
+    if rc == 0 and (metrics.get("finished") is True or stopped):
         err = metrics.get("test_error")
         shown = f", test error {err:.2f}%" if isinstance(err, (int, float)) else ""
+        shown += " (stopped by --max-steps)" if stopped else ""
         progress.line(f"{run.label}: done in {_hms(took)}{shown}", done=True, trained_for=took)
         return None
     why = f"exit code {rc}" if rc != 0 else "exited 0 but metrics.json is not marked finished"

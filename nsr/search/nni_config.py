@@ -8,6 +8,7 @@ import argparse
 import shlex
 from pathlib import Path
 
+from nsr.train.config import safe_load_unique
 from nsr.train.errors import UserError, one_line
 
 from . import workarounds as nw
@@ -20,7 +21,7 @@ def _read_yaml(p: Path, path: str) -> None:
     if not p.is_file():
         raise UserError(f"NNI config {path!r} not found; pass one of configs/nni/*.yml")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = safe_load_unique(p.read_text(encoding="utf-8"))  # a key given twice is refused, not dropped
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

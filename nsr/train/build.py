@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -33,11 +34,12 @@ class Runtime:
 
 def setup_runtime(cfg: Config) -> Runtime:
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    want = cfg.device
+    want = cfg.device  # one this machine can use: config.validate checked it
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {cfg.device!r} asked for, but no CUDA GPU is visible; use --device cpu")
+    if world > 1 and ":" in want:
+        raise UserError(f"--device {want} under torchrun: each process uses the GPU of its LOCAL_RANK; "
+                        "pass --device cuda")
     if world > 1:
         rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
         device = torch.device("cuda", local) if want.startswith("cuda") else torch.device("cpu")
@@ -123,6 +125,20 @@ def build_optimizer(cfg: Config, model: nn.Module):
     else:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0)
     return opt, sched
+
+
+def replay_schedule(cfg: Config, epochs: int) -> tuple[list[float], dict]:
+    """The learning rates of epochs 1..epochs+1 under cfg's schedule (the optimizer's, then after
+    each epoch's scheduler step), and the scheduler's state after `epochs` steps: replayed on a
+    one-weight model, so it costs microseconds and is bit-for-bit what a run computes."""
+    optimizer, scheduler = build_optimizer(cfg, nn.Linear(1, 1, bias=False))
+    lrs = [optimizer.param_groups[0]["lr"]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": no training here
+        for _ in range(epochs):
+            scheduler.step()
+            lrs.append(optimizer.param_groups[0]["lr"])
+    return lrs, scheduler.state_dict()
 
 
 def build_regularizer(cfg: Config, model: nn.Module, num_classes: int,

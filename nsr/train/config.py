@@ -16,6 +16,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+import torch
 import yaml
 
 from models import MODELS, is_mlp
@@ -78,6 +79,8 @@ _ATTR = {"lambda": "lambda_"}
 _KEY = {v: k for k, v in _ATTR.items()}
 # Keys that describe one invocation, not the experiment: allowed on the command line only.
 CLI_ONLY = {"resume", "overwrite", "quiet"}
+# The settings of the regularizers (NSR and center loss); a run with regularizer none reads none.
+REGULARIZER_KEYS = ("nsr_layers", "lambda", "queue_batches", "active_only", "per_channel", "center_alpha")
 
 CHOICES = {
     "optimizer": ["sgd", "adam", "adamw"],
@@ -162,12 +165,36 @@ def _scalar(kind, value):
     return str(value)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error: PyYAML would
+    keep the last value and drop the first without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:  # an unhashable key: construct_mapping's own error says so
+                continue
+            if first is not key_node:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (first at line {first.start_mark.line + 1}); "
+                    "keep one", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load_unique(stream) -> Any:
+    """yaml.safe_load that refuses duplicate keys (a yaml.YAMLError naming the key and its lines)."""
+    return yaml.load(stream, Loader=_UniqueKeyLoader)  # safe: a SafeLoader subclass
+
+
 def load_yaml(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise UserError(f"config file {path!r} not found; pass an existing YAML file to --config")
     try:
         with open(path) as f:
-            data = yaml.safe_load(f)
+            data = safe_load_unique(f)
     except UnicodeDecodeError:
         raise UserError(f"config file {path!r} is not a text YAML file; pass a YAML file to --config") from None
     except yaml.YAMLError as e:
@@ -187,8 +214,12 @@ def apply_overrides(cfg: Config, values: dict[str, Any], source: str) -> Config:
     """Set keys on cfg, checking names and types; `source` says where they came from."""
     types = _field_types()
     valid = [k for k in types if k not in CLI_ONLY or source == "command line"]
-    for key, value in values.items():
-        key = str(key).replace("-", "_") if str(key) != "lambda" else "lambda"
+    spelled: dict[str, str] = {}
+    for given, value in values.items():
+        key = str(given).replace("-", "_") if str(given) != "lambda" else "lambda"
+        if key in spelled:  # batch-size and batch_size: one key, and one value would be dropped
+            raise UserError(f"{source}: {key!r} is given twice (as {spelled[key]!r} and {str(given)!r}); keep one")
+        spelled[key] = str(given)
         if key in CLI_ONLY and key not in valid:
             raise UserError(f"{source}: {key!r} is a command-line option only (--{key}); remove it")
         if key not in valid:
@@ -197,9 +228,20 @@ def apply_overrides(cfg: Config, values: dict[str, Any], source: str) -> Config:
     return cfg
 
 
+class _Once(argparse.Action):
+    """--config: one file sets the defaults; a second one would silently replace the first."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        first = getattr(namespace, self.dest, None)
+        if first is not None:
+            parser.error(f"{option_string} given twice ({first}, {values}); one YAML file sets the defaults: "
+                         "merge them into one, and put single changes on the command line")
+        setattr(namespace, self.dest, values)
+
+
 def build_parser(description: str = "") -> argparse.ArgumentParser:
     parser = ArgumentParser(description=description, allow_abbrev=False, argument_default=argparse.SUPPRESS)
-    parser.add_argument("--config", help=HELP["config"])
+    parser.add_argument("--config", action=_Once, help=HELP["config"])
     for key, (type_str, default) in _field_types().items():
         flag = "--" + key.replace("_", "-")
         helptext = HELP.get(key, "") + (f" (default {default})" if key not in CLI_ONLY else "")
@@ -213,22 +255,67 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None, default_config: str | None = None,
-               defaults: dict[str, Any] | None = None, description: str = "") -> Config:
-    """Config from (schema defaults) < `defaults` < YAML file < command line."""
+               defaults: dict[str, Any] | None = None, description: str = "",
+               fixed: dict[str, Any] | None = None) -> Config:
+    """Config from (schema defaults) < `defaults` < YAML file < command line.
+
+    `fixed`: settings the script decides (fdnn_vanilla.py: regularizer none); a YAML file or flag
+    that sets one of them otherwise is refused, not overridden in silence. A flag the resulting
+    run would not read (unused_settings) is refused too: it would change nothing."""
     args = vars(build_parser(description).parse_args(argv))
     cfg = Config()
-    if defaults:
-        apply_overrides(cfg, defaults, "script defaults")
+    fixed = fixed or {}
+    if defaults or fixed:
+        apply_overrides(cfg, {**(defaults or {}), **fixed}, "script defaults")
     config_path = args.pop("config", default_config)
-    if config_path:
-        apply_overrides(cfg, load_yaml(config_path), f"config {config_path}")
-    apply_overrides(cfg, args, "command line")
+    sources = [(load_yaml(config_path), f"config {config_path}")] if config_path else []
+    for values, source in [*sources, (args, "command line")]:
+        apply_overrides(cfg, values, source)
+        for key, value in fixed.items():
+            if getattr(cfg, _ATTR.get(key, key)) != value:
+                given = f"--{key.replace('_', '-')} {getattr(cfg, _ATTR.get(key, key))}" \
+                    if source == "command line" else f"{source} sets {key}: {getattr(cfg, _ATTR.get(key, key))}"
+                raise UserError(f"{given}: this script always trains with {key} {value!r}; drop it, or use "
+                                "the script made for that setting (fdnn_nsr.py, cnn_nsr.py)")
     validate(cfg)
+    unused = unused_settings(cfg)
+    for key in args:
+        if key in unused:
+            raise UserError(f"--{key.replace('_', '-')} has no effect here: {unused[key]}; drop it")
     return cfg
+
+
+def unused_settings(cfg: Config) -> dict[str, str]:
+    """{key: why} of the settings this run does not read (they depend on another setting: the
+    regularizer, the optimizer, the scheduler, ...). A flag for one of them is refused by parse_args,
+    and config.yaml and checkpoints leave them out (to_dict): nothing records them as used."""
+    unused = {}
+
+    def mark(keys, why):
+        unused.update(dict.fromkeys(keys, why))
+
+    if cfg.regularizer == "none":
+        mark(REGULARIZER_KEYS, "a run with regularizer 'none' (vanilla) has no regularizer")
+    elif cfg.regularizer == "center":
+        mark(("queue_batches", "active_only", "per_channel"), "it is an NSR setting; center loss does not use it")
+    else:
+        mark(("center_alpha",), "it is a center-loss setting; NSR does not use it (--regularizer center does)")
+    if cfg.scheduler != "multistep":
+        mark(("milestones", "gamma"), f"only --scheduler multistep uses it (this run: {cfg.scheduler})")
+    if cfg.optimizer != "sgd":
+        mark(("momentum", "nesterov"), f"only --optimizer sgd uses it ({cfg.optimizer} has no such setting)")
+    if cfg.augment != "crop_flip_cutout":
+        mark(("cutout",), f"only --augment crop_flip_cutout uses it (this run: {cfg.augment})")
+    if cfg.dataset != "fake":
+        mark(("fake_size",), f"only --dataset fake uses it (this run: {cfg.dataset})")
+    return unused
 
 
 def validate(cfg: Config) -> None:
     """Checks that need several keys or value ranges; each failure is one actionable line."""
+    if cfg.resume and cfg.overwrite:
+        raise UserError("--resume and --overwrite contradict each other: --resume continues the run in "
+                        "--out, --overwrite replaces it; pass one of them")
     if cfg.model not in MODELS:
         raise UserError(f"unknown model {cfg.model!r}{_closest(cfg.model, list(MODELS))}")
     if cfg.dataset not in DATASETS:
@@ -250,8 +337,7 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg, key)
         if not math.isfinite(value) or value < 0:
             raise UserError(f"{key} must be a finite number >= 0, got {value}")
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
-        raise UserError(f"unknown device {cfg.device!r}; use auto, cpu, cuda or cuda:N")
+    _check_device(cfg.device)
     if any(m < 1 for m in cfg.milestones):
         raise UserError(f"milestones are epochs (1 or more) after which lr is multiplied by gamma, "
                         f"got {cfg.milestones}")
@@ -293,6 +379,25 @@ def _check_baselines(cfg: Config) -> None:
         raise UserError(f"dropout is for the MLPs only; model {cfg.model} has none: set dropout to 0")
 
 
+def _check_device(device: str) -> None:
+    """A device this torch, on this machine, can train on: refused here, in one line, rather than
+    by the first tensor moved there."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+        raise UserError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            why = "it was built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise UserError(f"device {device!r} asked for, but this torch cannot use CUDA here ({why}); "
+                            "use --device cpu (or auto)")
+        count = torch.cuda.device_count()
+        if ":" in device and int(device.split(":")[1]) >= count:
+            raise UserError(f"device {device!r} asked for, but this machine has {count} CUDA GPU(s): "
+                            f"cuda:0..cuda:{count - 1}; choose one of them, or --device cuda")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UserError("device 'mps' asked for, but this torch cannot use Apple's MPS here; use --device cpu "
+                        "(or auto)")
+
+
 def _check_machine_counts(cfg: Config) -> None:
     """threads and workers start OS threads and processes: a number far beyond the machine's CPUs
     would exhaust it (torch even crashes at exit with threads=10**6) instead of running faster."""
@@ -305,8 +410,10 @@ def _check_machine_counts(cfg: Config) -> None:
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
-    """The config as YAML/JSON keys (`lambda`, not `lambda_`)."""
-    return {_KEY.get(k, k): v for k, v in asdict(cfg).items()}
+    """The settings of the run as YAML/JSON keys (`lambda`, not `lambda_`), without those it does
+    not read (unused_settings): what config.yaml and checkpoints record."""
+    unused = unused_settings(cfg)
+    return {_KEY.get(k, k): v for k, v in asdict(cfg).items() if _KEY.get(k, k) not in unused}
 
 
 def from_dict(values: dict[str, Any]) -> Config:

@@ -32,5 +32,9 @@ def print_summary(m: dict, out: str) -> None:
     if partial:
         result += (f"; stopped by --max-steps in epoch {partial['epoch']} at step {partial['step']}/"
                    f"{partial['of']} (val {partial['val_acc']:.2f}%, test {partial['test_acc']:.2f}% there)")
+    elif m.get("stopped_by") == "max_steps":
+        result += f"; stopped by --max-steps after epoch {m['epochs']}"
+    if m.get("stopped_by") == "max_steps":
+        result += " (continue with --resume)"
     print(f"{m['model']} {kind} on {m['dataset']}: {result}; {m['train_time_s']:.1f}s training; "
           f"outputs in {out}")

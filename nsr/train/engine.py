@@ -2,10 +2,12 @@
 
 One loop for MLPs and CNNs, one process or many (torchrun). Per epoch: train, validate, test
 only when validation improves (the reported test accuracy is the one at the best validation
-epoch), write last.pt / best.pt / metrics.json (nsr/outdir.py owns the folder). A run can stop at
-any step (Ctrl-C, a kill, --max-steps) and `--resume` continues it bit for bit on CPU: every
-shuffle and augmentation draw is a function of (seed, epoch, step) and the checkpoint holds the
-position inside the epoch with the epoch's running sums.
+epoch), write last.pt / best.pt / metrics.json (nsr/train/outdir.py owns the folder, and a run
+holds its lock from start to end). A run can stop at any step (Ctrl-C, SIGTERM, a kill,
+--max-steps) and `--resume` continues it bit for bit on CPU: every shuffle and augmentation draw
+is a function of (seed, epoch, step) and the checkpoint holds the position inside the epoch with
+the epoch's running sums. What a resumed run reports comes from its checkpoint, never from the
+metrics.json it finds.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from .config import Config, parse_args, to_dict
 from .console import epoch_line, print_summary, progress
 from .data import load_data
 from .errors import RunInterrupted, UserError, run_cli
-from .fileio import read_json
+from .fileio import WriteError
 from .meters import EpochMeter, Position
 from .outdir import OutputFolder, default_out
 from .stopping import StopRequest
@@ -67,7 +69,7 @@ class TrainingDiverged(UserError):
 
 
 class Interrupted(Exception):
-    pass
+    """Training stopped on a signal (its name is the message) at a step boundary."""
 
 
 def _diverged_message(p: Position, since: int, saved_at: tuple[int, int] | None, last: str) -> str:
@@ -203,6 +205,7 @@ class Trainer:
     def fit(self, stop: StopRequest) -> dict:
         cfg, p = self.cfg, self.pos
         show = not cfg.quiet and self.rt.main
+        start = p.global_step
         while not self.done():
             bar = progress(show, len(self.data.train), p.epoch, cfg.epochs, p.step)
             try:
@@ -211,16 +214,19 @@ class Trainer:
                 if bar is not None:
                     bar.close()
             if stopped == "interrupted":
-                raise Interrupted
+                raise Interrupted(stop.signal_name)
             if stopped == "max_steps":  # the checkpoint keeps the epoch open; the report shows it
-                self.save("last.pt")
-                partial = {"epoch": p.epoch + 1, "step": p.step, "of": len(self.data.train),
-                           **self.meter.summary(), **self.validate(test_if_better=False)}
-                return self.write_metrics(finished=True, partial=partial)
+                break
             row = self.end_epoch()
             if show and bar is None:
                 print(epoch_line(row, cfg.epochs), flush=True)
-        return self.write_metrics(finished=True)
+        partial = None
+        if p.step > 0:  # an epoch left open by --max-steps (now, or by the run resumed here)
+            if p.global_step > start:
+                self.save("last.pt")
+            partial = {"epoch": p.epoch + 1, "step": p.step, "of": len(self.data.train),
+                       **self.meter.summary(), **self.validate(test_if_better=False)}
+        return self.write_metrics(finished=p.epoch >= cfg.epochs, partial=partial)
 
     # -- checkpoints and reports
     def save(self, name: str) -> None:
@@ -270,24 +276,29 @@ def evaluate(trainer: Trainer, batches) -> tuple[float, float]:
 
 
 def run_metrics(trainer: Trainer, finished: bool, partial: dict | None = None) -> dict:
-    """What metrics.json holds. `partial`: the report of an epoch that --max-steps stopped inside."""
+    """What metrics.json holds. `finished`: every epoch trained; `stopped_by`: "max_steps" when
+    --max-steps ended the run before that, "SIGINT"/"SIGTERM" for a signal (set by _interrupted);
+    `partial`: the report of an epoch that --max-steps stopped inside."""
     p, cfg = trainer.pos, trainer.cfg
     regularized = cfg.regularizer != "none"
-    test_acc = p.test_acc if p.test_acc is not None else float("nan")
-    test_top5 = p.test_top5_acc if p.test_top5_acc is not None else float("nan")
+    used = to_dict(cfg)  # the settings the run reads; a regularizer's others are null (or [])
+    test_acc, test_top5 = p.test_acc, p.test_top5_acc  # None (null) until an epoch has finished
+    stopped_by = None
+    if finished is False and cfg.max_steps is not None and p.global_step >= cfg.max_steps:
+        stopped_by = "max_steps"
     return {"model": cfg.model, "dataset": cfg.dataset, "seed": cfg.seed,
             "regularizer": cfg.regularizer,
             "nsr_layers": cfg.nsr_layers if regularized else [], "lambda": cfg.lambda_ if regularized else [],
-            "queue_batches": cfg.queue_batches,
-            "center_alpha": cfg.center_alpha if cfg.regularizer == "center" else None,
+            "queue_batches": used.get("queue_batches"), "center_alpha": used.get("center_alpha"),
             "label_smoothing": cfg.label_smoothing, "dropout": cfg.dropout,
             "epochs": len(p.history), "num_params": sum(t.numel() for t in trainer.model.parameters()),
             "best_epoch": p.best_epoch, "best_val_acc": p.best_val_acc, "test_acc": test_acc,
-            "test_error": 100.0 - test_acc, "test_top5_acc": test_top5,
-            "test_top5_error": 100.0 - test_top5, "train_time_s": p.train_time_s + p.epoch_time_s,
+            "test_error": None if test_acc is None else 100.0 - test_acc, "test_top5_acc": test_top5,
+            "test_top5_error": None if test_top5 is None else 100.0 - test_top5,
+            "train_time_s": p.train_time_s + p.epoch_time_s,
             "eval_time_s": p.eval_time_s, "global_steps": p.global_step,
             "device": str(trainer.rt.device), "world_size": trainer.rt.world, "finished": finished,
-            "partial_epoch": partial, "history": p.history}
+            "stopped_by": stopped_by, "partial_epoch": partial, "history": p.history}
 
 
 # ---------------------------------------------------------------------------------- entry
@@ -299,28 +310,57 @@ def train(cfg: Config, hooks: RunHooks | None = None) -> dict:
     hooks.configure(cfg)
     cfg.out = cfg.out or default_out(cfg.model, cfg.dataset, cfg.regularizer, cfg.seed)
     folder = OutputFolder(cfg.out, writer=rt.main)
+    try:
+        take_folder(folder, rt)
+        return _train_in(folder, cfg, rt, hooks)
+    finally:
+        folder.release()
+
+
+def take_folder(folder: OutputFolder, rt: Runtime) -> None:
+    """Rank 0 takes the folder's lock and repairs what a killed run left; every rank then reads
+    the folder as repaired. Under torchrun the others learn from rank 0 (a broadcast) whether it
+    got the lock, so that a refused start ends every rank instead of leaving them waiting."""
+    failure = None
+    if rt.main:
+        try:
+            folder.acquire()
+            folder.repair()
+        except UserError as e:
+            failure = e
+    if rt.world > 1:
+        refused = torch.tensor([float(failure is not None)], device=rt.device)
+        dist.broadcast(refused, 0)
+        if refused.item() and not rt.main:
+            raise UserError(f"rank {rt.rank}: rank 0 could not take the output folder {folder.path}")
+    if failure is not None:
+        raise failure
+
+
+def _train_in(folder: OutputFolder, cfg: Config, rt: Runtime, hooks: RunHooks) -> dict:
     resume_from = folder.prepare(cfg.resume, cfg.overwrite)
     # Before any data loads: a damaged checkpoint or a changed setting fails in seconds.
-    state = load_resumable(resume_from, to_dict(cfg), rt.device) if resume_from else None
+    state = load_resumable(resume_from, to_dict(cfg), rt.world, rt.device) if resume_from else None
     with enough_memory():
         trainer = Trainer(cfg, rt, folder, hooks)
     if state is not None:
         trainer.restore(resume_from, state)
-        if trainer.done() and folder.finished():
-            metrics = read_json(folder.file("metrics.json"))
-            if rt.main:
-                print_summary(metrics, cfg.out)
-            return metrics
     folder.begin(replace=cfg.overwrite and state is None,
                  config_text=yaml.safe_dump(to_dict(cfg), sort_keys=False))
     try:
         with StopRequest() as stop, enough_memory():
-            metrics = trainer.fit(stop)
-    except Interrupted:
-        raise _interrupted(trainer) from None
+            try:
+                metrics = trainer.fit(stop)
+            except Interrupted as e:
+                stop.honoring = True  # a further signal must not cut the save short (SIGKILL still can)
+                raise _interrupted(trainer, e.args[0]) from None
+    except RunInterrupted:
+        raise
     except BaseException as e:
         if folder.abandon() and isinstance(e, UserError):
             raise type(e)(f"{e}; the previous run in {cfg.out} is kept as it was") from None
+        if isinstance(e, WriteError):
+            raise WriteError(f"{e}; {_kept(trainer)}") from None
         raise
     if rt.main:
         hooks.run_end(metrics)
@@ -328,26 +368,40 @@ def train(cfg: Config, hooks: RunHooks | None = None) -> dict:
     return metrics
 
 
-def _interrupted(trainer: Trainer) -> RunInterrupted:
-    """Ctrl-C: save the exact position, or, before the first checkpoint of an --overwrite run,
-    put the replaced run back."""
+def _kept(trainer: Trainer) -> str:
+    """What a run that cannot go on leaves to resume from."""
+    if trainer.saved_at is None:
+        return "no checkpoint of this run was written"
+    epoch, step = trainer.saved_at
+    where = f"end of epoch {epoch}" if step == 0 else f"epoch {epoch + 1}, step {step}"
+    return f"{trainer.folder.file('last.pt')} ({where}) is intact: continue with --resume once it can write"
+
+
+def _interrupted(trainer: Trainer, signal_name: str | None) -> RunInterrupted:
+    """Ctrl-C or SIGTERM: save the exact position, or, before the first checkpoint of an
+    --overwrite run, put the replaced run back. `signal_name`: None on a rank that stopped
+    because another one was signalled."""
     p, rt, folder = trainer.pos, trainer.rt, trainer.folder
-    where = f"interrupted in epoch {p.epoch + 1} at step {p.step}"
+    what = "interrupted" if signal_name in ("SIGINT", None) else f"stopped by {signal_name}"
+    where = f"{what} in epoch {p.epoch + 1} at step {p.step}"
     if folder.abandon():
         return RunInterrupted(f"{where}, before the first checkpoint; the previous run in "
                               f"{folder.path} is kept as it was")
     trainer.save("last.pt")
-    trainer.write_metrics(finished=False)
+    metrics = run_metrics(trainer, finished=False)
+    folder.write_metrics({**metrics, "stopped_by": signal_name})
     if not rt.main:  # rank 0 saves for all ranks
         return RunInterrupted(f"rank {rt.rank}: {where}")
     return RunInterrupted(f"{where}; saved {folder.file('last.pt')}; continue with --resume")
 
 
 def main(default_config: str | None = None, defaults: dict | None = None, description: str = "",
-         argv: list[str] | None = None, hooks: RunHooks | None = None) -> None:
-    """Entry point of the scripts: parse, train, and turn user errors into one line."""
+         argv: list[str] | None = None, hooks: RunHooks | None = None, fixed: dict | None = None) -> None:
+    """Entry point of the scripts: parse, train, and turn user errors into one line. `fixed`:
+    settings the script decides (see config.parse_args)."""
     def run():
-        cfg = parse_args(argv, default_config=default_config, defaults=defaults, description=description)
+        cfg = parse_args(argv, default_config=default_config, defaults=defaults, description=description,
+                         fixed=fixed)
         try:
             train(cfg, hooks)
         finally:

@@ -1,39 +1,46 @@
-"""The output folder of a run (`--out`): the one place that checks, creates, resumes and replaces it.
+"""The output folder of a run (`--out`): the one place that locks, checks, creates, resumes and
+replaces it.
 
     OUT/config.yaml    the settings of the run
-    OUT/metrics.json   results so far; "finished": true once the run is done
+    OUT/metrics.json   results so far; "finished": true once every epoch is trained
     OUT/history.csv    one row per finished epoch
-    OUT/last.pt        the latest checkpoint (each epoch end, on Ctrl-C, at a --max-steps stop)
+    OUT/last.pt        the latest checkpoint (each epoch end, on Ctrl-C or SIGTERM, at a --max-steps stop)
     OUT/best.pt        the checkpoint at the best validation accuracy
+    OUT/.nsr.lock      while a run owns the folder: who it is (for messages only)
+
+One run owns a folder at a time: it holds an exclusive OS lock (flock) on OUT/.nsr.lock from
+before it reads anything there until it ends. The kernel releases the lock when the process dies,
+however it dies, so holding the lock is also the proof that no earlier run is still at work: what
+a killed run left (a run set aside by --overwrite, temporaries) is repaired under the lock, and
+never by asking whether some process id is alive (ids are reused after a reboot and in containers).
 
 A finished run is never lost to a new one that cannot run: `--overwrite` moves the old run's files
 into OUT/.previous-<pid>/ and deletes them only once the new run has written its first last.pt. If
 the new run fails before that (a bad setting, NaN, Ctrl-C, an exception) they are moved back; if
-it is killed, the next start in OUT moves them back.
+it is killed, the next run to own OUT moves them back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import datetime
+import fcntl
 import io
 import os
 import re
 import shutil
+import socket
 import sys
 
 from .errors import UserError
-from .fileio import (
-    process_alive,
-    read_json,
-    remove_stale_temporaries,
-    write_atomic,
-    write_json,
-)
+from .fileio import read_json, remove_stale_temporaries, write_atomic, write_json
 
 RUN_FILES = ("config.yaml", "metrics.json", "history.csv", "last.pt", "best.pt")
+LOCK_NAME = ".nsr.lock"
 HISTORY_KEYS = ["epoch", "train_loss", "ce_loss", "nsr_loss", "train_acc", "val_acc", "val_top5_acc",
                 "lr", "epoch_time_s"]
-_PREVIOUS = re.compile(r"^\.previous-(\d+)$")
+_PREVIOUS = re.compile(r"^\.previous-\d+$")
 
 
 def warn(message: str) -> None:
@@ -47,12 +54,16 @@ def default_out(model: str, dataset: str, regularizer: str, seed: int) -> str:
 
 
 class OutputFolder:
-    """`writer` is False on every rank but 0 under torchrun: those ranks check, never write."""
+    """`writer` is False on every rank but 0 under torchrun: those ranks check, never write, and
+    take no lock (rank 0 holds it for all of them)."""
 
     def __init__(self, path: str, writer: bool = True):
         self.path, self.writer = path, writer
         self.previous: str | None = None   # the replaced run, until the new one has a checkpoint
         self.notice: str | None = None     # a warning for begin(): only once the run has loaded
+        self._lock_fd: int | None = None
+        self._created: list[str] = []      # folders acquire() made, removed again if the run never began
+        self._began = False
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
@@ -60,56 +71,121 @@ class OutputFolder:
     def finished(self) -> bool:
         return read_json(self.file("metrics.json")).get("finished") is True
 
+    # -- ownership
+    def acquire(self) -> None:
+        """Take the folder's lock (creating the folder), or raise UserError naming the run that
+        holds it. Also the check that this run can write there."""
+        if not self.writer or self._lock_fd is not None:
+            return
+        path = os.path.abspath(self.path)
+        while not os.path.exists(path) and os.path.dirname(path) != path:
+            self._created.append(path)  # deepest first
+            path = os.path.dirname(path)
+        lock = self.file(LOCK_NAME)
+        if os.path.islink(lock) or (os.path.lexists(lock) and not os.path.isfile(lock)):
+            # never followed, never written through: it is no lock file of ours
+            raise UserError(f"{lock} is {'a link' if os.path.islink(lock) else 'not a file'}, not the lock file "
+                            "a run makes; remove it, or choose another --out")
+        try:
+            os.makedirs(self.path, exist_ok=True)
+            while True:
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = _read_holder(fd)
+                    os.close(fd)
+                    self._remove_created()
+                    raise UserError(f"{self.path} is in use by another run ({holder}); wait for it to end, "
+                                    "or choose another --out") from None
+                except OSError:
+                    os.close(fd)
+                    raise
+                # The previous owner unlinks the file as it lets go: a lock on a file no longer
+                # under that name locks nothing; take the new one.
+                if _same_file(fd, lock):
+                    break
+                os.close(fd)
+            self._lock_fd = fd
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, _holder_text().encode(), 0)
+        except OSError as e:
+            if self._lock_fd is not None:
+                self.release()
+            self._remove_created()
+            raise UserError(f"cannot write to output folder {self.path} ({e.strerror or e}); "
+                            "choose another --out") from None
+
+    def release(self) -> None:
+        """Let go of the folder (unlink the lock file, then close it); a folder this run created
+        but never began to use is removed again."""
+        if self._lock_fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.remove(self.file(LOCK_NAME))
+        os.close(self._lock_fd)
+        self._lock_fd = None
+        if not self._began:
+            self._remove_created()
+
+    def _remove_created(self) -> None:
+        for folder in self._created:
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break  # not empty (or not ours to remove): leave it and what is above it
+        self._created = []
+
+    def repair(self) -> None:
+        """What a killed run left behind: put a run it had set aside back, delete its temporaries.
+        Only the lock's holder may: no other run can be writing here."""
+        if not self.writer or self._lock_fd is None:
+            return
+        self._recover_previous()
+        remove_stale_temporaries(self.path, RUN_FILES)
+
+    # -- the run's state in the folder
     def prepare(self, resume: bool, overwrite: bool) -> str | None:
-        """Before anything loads: repair what a killed run left, check that this run may use the
-        folder and can write to it. Returns the checkpoint to resume from, or None."""
-        if self.writer and os.path.isdir(self.path):
-            self._recover_previous()
-            remove_stale_temporaries(self.path)
+        """Before anything loads: check that this run may use the folder. Returns the checkpoint
+        to resume from, or None. Reads only: every rank runs it, after rank 0's repair()."""
+        for name in RUN_FILES:
+            path = self.file(name)
+            if os.path.lexists(path) and (os.path.islink(path) or not os.path.isfile(path)):
+                raise UserError(f"{path} is not a regular file (a folder, a link, a pipe, ...); move it away, "
+                                "or choose another --out")
         last = self.file("last.pt")
         if resume and os.path.isfile(last):
             return last
         present = [n for n in RUN_FILES if n != "config.yaml" and os.path.exists(self.file(n))]
-        if resume and not overwrite:
+        if resume:
             if present:
                 raise UserError(f"--resume: {self.path} holds a run ({', '.join(present)}) but no last.pt "
                                 "to continue from; pass --overwrite to start again, or choose another --out")
             self.notice = f"--resume: no checkpoint in {self.path}; starting a new run there"
-        elif not overwrite and self.finished():
-            raise UserError(f"{self.path} already holds a finished run; pass --overwrite to replace it, "
-                            "or choose another --out")
-        elif not overwrite and os.path.isfile(last):
-            raise UserError(f"{self.path} holds an unfinished run; pass --resume to continue it, "
-                            "or --overwrite to start again")
-        if self.writer:
-            self._check_writable()
+        elif not overwrite:
+            metrics = read_json(self.file("metrics.json"))
+            if os.path.isfile(last) and metrics.get("stopped_by") == "max_steps":
+                steps = metrics.get("global_steps")
+                after = f" after {steps} steps" if isinstance(steps, int) and not isinstance(steps, bool) else ""
+                raise UserError(f"{self.path} holds a run stopped by --max-steps{after}; continue it with "
+                                "--resume (and a larger --max-steps, or none), or choose another --out")
+            if metrics.get("finished") is True:
+                raise UserError(f"{self.path} already holds a finished run; pass --overwrite to replace it, "
+                                "or choose another --out")
+            if os.path.isfile(last):
+                raise UserError(f"{self.path} holds an unfinished run; pass --resume to continue it, "
+                                "or --overwrite to start again")
+            if present:  # a run's results without its checkpoint: not to be overwritten in silence
+                raise UserError(f"{self.path} holds files of an earlier run ({', '.join(present)}) but no last.pt "
+                                "to continue from; pass --overwrite to start again (they are kept until the new "
+                                "run's first checkpoint), or choose another --out")
         return None
 
-    def _check_writable(self) -> None:
-        created, path = [], os.path.abspath(self.path)
-        while not os.path.exists(path) and os.path.dirname(path) != path:
-            created.append(path)  # deepest first: removed again below, made by begin()
-            path = os.path.dirname(path)
-        probe = self.file(f".write-test.{os.getpid()}")
-        try:
-            os.makedirs(self.path, exist_ok=True)
-            with open(probe, "w") as f:
-                f.write("ok")
-            os.remove(probe)
-        except OSError as e:
-            raise UserError(f"cannot write to output folder {self.path} ({e.strerror}); "
-                            "choose another --out") from None
-        finally:
-            for folder in created:
-                try:
-                    os.rmdir(folder)
-                except OSError:
-                    pass
-
     def begin(self, replace: bool, config_text: str) -> None:
-        """Once the run has loaded: create the folder, set a replaced run aside, write config.yaml."""
+        """Once the run has loaded: set a replaced run aside, write config.yaml."""
         if not self.writer:
             return
+        self._began = True
         if self.notice:
             warn(self.notice)
         os.makedirs(self.path, exist_ok=True)
@@ -136,17 +212,16 @@ class OutputFolder:
         return True
 
     def _recover_previous(self) -> None:
-        for name in os.listdir(self.path):
-            match = _PREVIOUS.match(name)
-            if not match or int(match.group(1)) == os.getpid() or process_alive(int(match.group(1))):
-                continue
+        for name in sorted(os.listdir(self.path)):
             previous = self.file(name)
+            if not _PREVIOUS.match(name) or not os.path.isdir(previous) or os.path.islink(previous):
+                continue
             if os.path.isfile(self.file("last.pt")):  # the new run got as far as a checkpoint
                 shutil.rmtree(previous, ignore_errors=True)
             else:
                 _restore(self.path, previous)
-                warn(f"restored the run in {self.path} that an --overwrite run (pid {match.group(1)}) "
-                     "had set aside; that run stopped before its first checkpoint")
+                warn(f"restored the run in {self.path} that an --overwrite run ({name[len('.previous-'):]} "
+                     "was its pid) had set aside; that run stopped before its first checkpoint")
 
     def write_metrics(self, metrics: dict) -> None:
         if not self.writer:
@@ -159,6 +234,31 @@ class OutputFolder:
         write_atomic(self.file("history.csv"), text.getvalue())
 
 
+def _holder_text() -> str:
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n"
+
+
+def _read_holder(fd: int) -> str:
+    """Who holds the lock, as it wrote itself into the file: for the message only (a pid says
+    nothing certain about liveness). Read defensively: the file may be empty or garbage."""
+    try:
+        text = os.pread(fd, 200, 0).decode("utf-8", "replace")
+    except OSError:
+        text = ""
+    line = "".join(c for c in (text.splitlines() or [""])[0] if c.isprintable()).strip()
+    return line or "it has not said who it is yet"
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    here = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (here.st_dev, here.st_ino)
+
+
 def _restore(out: str, previous: str) -> None:
     """Replace the run files in `out` by those saved in `previous`, then remove `previous`."""
     for name in RUN_FILES:
@@ -167,5 +267,6 @@ def _restore(out: str, previous: str) -> None:
         except FileNotFoundError:
             pass
     for name in os.listdir(previous):
-        os.replace(os.path.join(previous, name), os.path.join(out, name))
-    os.rmdir(previous)
+        if name in RUN_FILES:
+            os.replace(os.path.join(previous, name), os.path.join(out, name))
+    shutil.rmtree(previous, ignore_errors=True)
