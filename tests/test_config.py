@@ -6,7 +6,7 @@ import pytest
 
 from nsr.train.config import Config, parse_args, to_dict
 from nsr.train.errors import UserError
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def write(tmp_path, text, name="c.yaml"):
