@@ -1,6 +1,6 @@
 """Bad data through the real script (in-process, tests/helpers.run_in_process): one `error:` line on
 stderr that says what is true, exit code 2, no output folder, the data folder as it was (no
-download over a damaged copy). A real process's exit code: test_hardening.py::test_each_script_..."""
+download over a damaged copy). A real process's exit code: test_entry_points.py."""
 
 import gzip
 import os

@@ -6,7 +6,6 @@ import os
 import types
 
 import numpy as np
-import pytest
 import torch
 import yaml
 from sklearn.datasets import load_digits

@@ -3,7 +3,7 @@
 Where each failure mode is tested (checks that already live elsewhere are referenced, not repeated):
 
   bad input                               where
-  unknown flag (closest name)             here (unknown-flag); in a real process: test_each_script_...
+  unknown flag (closest name)             here (unknown-flag); in a real process: test_entry_points.py
   unknown YAML key (closest name)         test_config.py::test_bad_yaml_keys_and_types
   wrong type (flag / YAML)                test_config.py::test_bad_command_line_is_one_clear_error,
                                           ::test_bad_yaml_keys_and_types
@@ -40,8 +40,8 @@ Where each failure mode is tested (checks that already live elsewhere are refere
                                           keeps the finished run
 
 Every bad-input case runs the real script file in-process (tests/helpers.run_in_process: the same
-main() and run_cli, so the same exit code and line); test_each_script_... proves for each script
-that a real process exits 2 with that one line. Signals arrive at a chosen step or inside a chosen
+main() and run_cli, so the same exit code and line); test_entry_points.py proves for each script
+that a real process exits 2 with one such line. Signals arrive at a chosen step or inside a chosen
 checkpoint write (tests/signal_at.py), never after a timed wait.
 """
 
@@ -63,7 +63,6 @@ from tests.helpers import (
     DIGITS_EPOCHS,
     STEPS_PER_EPOCH,
     assert_error,
-    assert_one_error_line,
     fingerprint,
     outcome,
     run_in_process,
@@ -204,17 +203,6 @@ def test_bad_input_is_one_line_and_changes_nothing(digits_reference, tmp_path, c
         # ... and the payload is live: an unsafe load would have run it
         torch.load(os.path.join(out, "last.pt"), weights_only=False)
         assert os.path.exists(marker)
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("case", ["unknown-flag", "lambda-nan", "invalid-yaml"])  # one per script
-def test_each_script_exits_2_with_one_line_in_a_real_process(tmp_path, case):
-    script, make_args, fragments = CASES[case]
-    proc = run_script(script, *make_args(tmp_path, None), "--out", str(tmp_path / "out"), check=False)
-    assert proc.returncode == 2, (proc.returncode, proc.stderr)
-    assert_one_error_line(proc.stderr, *fragments)
-    assert proc.stdout == "" and not (tmp_path / "out").exists()
 
 
 def test_overwrite_that_cannot_start_keeps_the_finished_run(digits_reference):
