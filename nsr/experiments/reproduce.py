@@ -138,7 +138,8 @@ def wanted_settings(command: list[str], label: str) -> dict:
 
 def differences(saved: dict, wanted: dict) -> list[str]:
     """'key: saved -> wanted' for every experiment setting that differs."""
-    skip = EXECUTION_KEYS | (NSR_KEYS if not wanted.get("nsr") and not saved.get("nsr") else set())
+    regularized = any(d.get("regularizer", "none") != "none" for d in (saved, wanted))
+    skip = EXECUTION_KEYS | (set() if regularized else NSR_KEYS)
     return [f"{key}: {saved[key]!r} -> {value!r}" for key, value in wanted.items()
             if key not in skip and key in saved and not _same(saved[key], value)]
 
