@@ -1,11 +1,11 @@
 """Stop an NNI experiment's manager and trials when the python -m nsr search process that started it dies.
 
-    python nsr/nni_watchdog.py LAUNCHER_PID EXPERIMENT_ID
+    python nsr/search/watchdog.py LAUNCHER_PID EXPERIMENT_ID
 
 NNI 3.0 starts its manager (Node.js) in a process group of its own, with the tuner and every
 trial inside that group, and nothing ties that group to the Python process that started it: a
 launcher killed with SIGKILL leaves the manager and its trials running. python -m nsr search starts this
-script next to the manager (see nni_workarounds.start_watchdog); when its parent is gone it sends
+script next to the manager (see nsr/search/workarounds.start_watchdog); when its parent is gone it sends
 SIGTERM, then SIGKILL, to each process group of a manager started with `--experiment-id ID`.
 
 Run by its path, not as `nsr.search.watchdog`: importing the nsr package would load torch for

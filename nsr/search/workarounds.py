@@ -144,7 +144,7 @@ def start_watchdog(exp_id: str) -> subprocess.Popen:
     it too) with nothing tying it to the launcher: kill -9 of the launcher leaves them all running.
     A small process, in a session of its own, ends that group when the launcher dies; the launcher
     terminates it after a normal stop."""
-    script = Path(__file__).with_name("nni_watchdog.py")
+    script = Path(__file__).with_name("watchdog.py")
     return subprocess.Popen([sys.executable, str(script), str(os.getpid()), exp_id],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
