@@ -300,42 +300,6 @@ def test_state_dict_round_trip_continues_exactly(steps_before):
         assert state == {}
 
 
-def per_layer_layout(state: dict, active_only: bool) -> dict:
-    """A state of one memory for all layers, written out by hand in the older layout of one
-    memory per layer: memories.N.{ring,total,ptr}, rows [layer N's sums | its counts]."""
-    d = state["memory.widths"].tolist()
-    old = {k: v for k, v in state.items() if not k.startswith("memory.")}
-    for buffer in ("ring", "total"):
-        t = state[f"memory.{buffer}"]
-        sums = t[..., :sum(d)].split(d, dim=-1)
-        counts = t[..., sum(d):].split(d, dim=-1) if active_only else [t[..., sum(d):]] * len(d)
-        for i, (s, c) in enumerate(zip(sums, counts)):
-            old[f"memories.{i}.{buffer}"] = torch.cat([s, c], dim=-1)
-    for i in range(len(d)):
-        old[f"memories.{i}.ptr"] = state["memory.ptr"].clone()
-    return old
-
-
-@pytest.mark.parametrize("active_only", [False, True])
-def test_checkpoint_of_the_per_layer_memory_layout_resumes_exactly(active_only):
-    """Checkpoints written when each layer had its own memory (memories.N.ring/total/ptr, rows
-    [sums | counts]) are converted on resume (nsr.train.checkpoint) and continue bit for bit."""
-    from nsr.train.checkpoint import _old_nsr_memory
-
-    torch.manual_seed(0)
-    model = SmallNet().double()
-    kwargs = dict(num_classes=C, queue_batches=3, per_channel=True, active_only=active_only)
-    reg = NeuronSteadiness(model, {"act": 0.5, "head": 1.5}, **kwargs)
-    data = batches(seed=5)
-    _train_steps(model, reg, data[:5])
-    old = per_layer_layout(reg.state_dict(), active_only)
-    model2 = copy.deepcopy(model)
-    reg2 = NeuronSteadiness(model2, {"act": 0.5, "head": 1.5}, **kwargs)
-    reg2.load_state_dict(_old_nsr_memory(old, active_only))
-    rest = data[5:] + batches(seed=6)
-    assert _train_steps(model2, reg2, rest) == _train_steps(model, reg, rest)
-
-
 def test_state_dict_from_another_configuration_is_refused():
     model = MLP(4, [3], 2)
     reg = NeuronSteadiness(model, {"out": 1.0}, num_classes=2, queue_batches=3)
