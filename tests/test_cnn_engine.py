@@ -41,9 +41,12 @@ def test_cnn_script_runs_each_config_on_fake_data(tmp_path, config):
 
 
 def test_cnn_vanilla_and_resume_match_a_straight_run(tmp_path):
+    """ResNet-18: BatchNorm statistics, augmentation draws and the NSR memory across a resume;
+    10 fake images, 2 held out for validation: 2 steps of 4 per epoch."""
     base = ["--config", os.path.join(ROOT, "configs", "resnet18_cifar10.yaml"), *SMALL,
-            "--epochs", "2", "--fake-size", "24", "--queue-batches", "2"]
+            "--epochs", "2", "--fake-size", "10", "--queue-batches", "2"]
     straight = train(parse_args([*base, "--out", str(tmp_path / "a")]))
+    assert straight["global_steps"] == 4 and straight["history"][1]["nsr_loss"] > 0
     train(parse_args([*base, "--epochs", "1", "--out", str(tmp_path / "b")]))
     resumed = train(parse_args([*base, "--out", str(tmp_path / "b"), "--resume"]))
     assert without_times(resumed["history"]) == without_times(straight["history"])

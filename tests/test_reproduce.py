@@ -55,6 +55,30 @@ FAKE_TRAINER = textwrap.dedent('''
 ''')
 
 
+# FAKE_TRAINER's twin for the runner's real processes: the same calls log, failure and test errors,
+# without torch (argparse on the flags the runner sets), so that a process costs what Python does.
+FAKE_PROCESS = textwrap.dedent('''
+    import argparse, json, os, sys
+    parser = argparse.ArgumentParser()
+    for flag in ("--config", "--out", "--regularizer"):
+        parser.add_argument(flag)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--overwrite", action="store_true")
+    args, _ = parser.parse_known_args()
+    variant = "vanilla" if args.regularizer == "none" else "nsr"
+    with open(os.environ["FAKE_CALLS"], "a") as f:
+        f.write(json.dumps({"variant": variant, "seed": args.seed, "resume": args.resume,
+                            "overwrite": args.overwrite}) + "\\n")
+    if os.environ.get("FAKE_FAIL") == f"{variant}{args.seed}":
+        print("Traceback (most recent call last):\\nRuntimeError: boom", file=sys.stderr)
+        sys.exit(3)
+    os.makedirs(args.out, exist_ok=True)
+    err = 2.0 + 0.05 * args.seed if variant == "nsr" else 3.0 + 0.1 * args.seed
+    with open(os.path.join(args.out, "metrics.json"), "w") as f:
+        json.dump({"model": "mlp4", "seed": args.seed, "test_error": err, "finished": True,
+                   "history": [{"val_acc": 50.0}]}, f)
+''')
 _ONE_AT_A_TIME = threading.Lock()  # sys.argv, stdout and stderr are the process's own
 
 
@@ -79,23 +103,24 @@ def fake_repo(tmp_path, monkeypatch):
     """A repository whose training scripts are FAKE_TRAINER, run in-process by the runner."""
     monkeypatch.setattr(runner, "subprocess", types.SimpleNamespace(call=_call_in_process,
                                                                     DEVNULL=subprocess.DEVNULL))
-    return _fake_repo(tmp_path, monkeypatch)
+    return _fake_repo(tmp_path, monkeypatch, FAKE_TRAINER)
 
 
 @pytest.fixture
 def fake_repo_in_processes(tmp_path, monkeypatch):
-    """The same, started by the runner as real processes, as it starts the real scripts."""
-    return _fake_repo(tmp_path, monkeypatch)
+    """A repository whose training scripts are FAKE_PROCESS, started by the runner as real
+    processes, as it starts the real scripts."""
+    return _fake_repo(tmp_path, monkeypatch, FAKE_PROCESS)
 
 
-def _fake_repo(tmp_path, monkeypatch):
+def _fake_repo(tmp_path, monkeypatch, trainer):
     repo = tmp_path / "repo"
     (repo / "configs").mkdir(parents=True)
     for name, text in (("mlp4", "model: mlp4\nepochs: 3\n"), ("mlp6", "model: mlp6\nepochs: 3\n"),
                        ("resnet18_cifar10", "model: resnet18\ndataset: cifar10\nepochs: 3\n")):
         (repo / "configs" / f"{name}.yaml").write_text(text)
     for script in ("fdnn_nsr.py", "cnn_nsr.py"):
-        (repo / script).write_text(FAKE_TRAINER)
+        (repo / script).write_text(trainer)
     calls = tmp_path / "calls.jsonl"
     monkeypatch.setenv("FAKE_CALLS", str(calls))
     monkeypatch.delenv("FAKE_FAIL", raising=False)
