@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from nsr.train.config import Config, parse_args, to_dict
+from nsr.search.trial import config_overrides
+from nsr.train.config import Config, apply_overrides, parse_args, to_dict, validate
 from nsr.train.errors import UserError
 from tests.helpers import ROOT
 
@@ -101,9 +102,6 @@ def test_bad_yaml_keys_and_types(tmp_path):
 
 
 def test_nni_parameters_map_to_config_keys():
-    from nsr.search.trial import config_overrides
-    from nsr.train.config import Config, apply_overrides, validate
-
     assert config_overrides({"nsr_layer": "fc2", "lambda": 0.5, "lr": 0.1}) == \
         {"nsr_layers": ["fc2"], "lambda": [0.5], "lr": 0.1}
     assert config_overrides({"lambda": [1.0, 2.0]}) == {"lambda": [1.0, 2.0]}

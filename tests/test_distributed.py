@@ -98,7 +98,8 @@ def _worker(rank: int, port: int, folder: str) -> None:
 def runs(tmp_path_factory):
     """name -> (per-rank weights, metrics.json) of a finished job, or the ranks' RunInterrupted messages."""
     folder = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(free_port(), str(folder)), nprocs=2, join=True)
+    # daemon: should a job hang, the test fails on its timeout and the ranks end with pytest
+    mp.spawn(_worker, args=(free_port(), str(folder)), nprocs=2, join=True, daemon=True)
     result = {}
     for name, out, _, interrupt_at, _ in JOBS:
         dump = folder / f"{name}-dump"
