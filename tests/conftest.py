@@ -1,29 +1,27 @@
+import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import DIGITS, DIGITS_EPOCHS, STEPS_PER_EPOCH, run_in_process
+
 # Small models run fastest on one thread; two OpenMP threads per process crawl when pytest and
 # its subprocesses share two cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
-
-def run_script(script: str, *args: str, timeout: float = 300, env: dict | None = None,
-               check: bool = True) -> subprocess.CompletedProcess:
-    """Run one of the repository's scripts (or `-m module`) in a subprocess from the repo root."""
-    cmd = [sys.executable, *(script.split() if script.startswith("-m ") else [os.path.join(ROOT, script)]),
-           *args]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-@pytest.fixture
-def script():
-    return run_script
+@pytest.fixture(scope="session")
+def digits_reference(tmp_path_factory):
+    """`python fdnn_nsr.py DIGITS --epochs 4` run once per session, uninterrupted: the result every
+    stopped-and-resumed run must reproduce, a finished run later runs must leave untouched, and a
+    small trained checkpoint (best.pt, last.pt). Returns (folder, metrics, stdout); a test that
+    changes the folder works on a copy."""
+    out = str(tmp_path_factory.mktemp("digits-reference") / "run")
+    result = run_in_process("fdnn_nsr.py", *DIGITS, "--epochs", str(DIGITS_EPOCHS), "--out", out)
+    assert result.code == 0 and result.err == "", result.err
+    with open(os.path.join(out, "metrics.json")) as f:
+        metrics = json.load(f)
+    assert metrics["finished"] and len(metrics["history"]) == DIGITS_EPOCHS
+    assert metrics["global_steps"] == DIGITS_EPOCHS * STEPS_PER_EPOCH
+    return out, metrics, result.out

@@ -1,9 +1,7 @@
 """python -m nsr analyze: intra-class variance on models where it is known by construction."""
 
 import json
-import os
-import subprocess
-import sys
+import shutil
 from collections import OrderedDict
 from pathlib import Path
 
@@ -12,9 +10,12 @@ import pytest
 import torch
 from torch import nn
 
+from models import build_model
 from nsr.experiments import analyze
+from nsr.train.checkpoint import load_checkpoint, save_checkpoint
+from tests.helpers import ROOT, assert_one_error_line, fingerprint, run_in_process
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(ROOT)
 
 
 def hand_model():
@@ -115,8 +116,6 @@ def test_cnn_outputs_use_per_channel_spatial_means():
 
 
 def test_candidate_layers_of_the_project_models():
-    from models import build_model
-
     mlp = build_model("mlp4", 10, (1, 8, 8))
     assert analyze.candidate_layers(mlp) == ["fc1", "relu1", "fc2", "relu2", "out"]
     resnet = build_model("resnet18", 10, (3, 32, 32))
@@ -140,10 +139,6 @@ def test_candidate_layers_of_the_project_models():
     assert sum(n.startswith("features.") for n in vnames) == 16  # one ReLU per conv block
 
 
-ENGINE_READY = (REPO / "nsr" / "engine.py").is_file()
-
-
-@pytest.mark.skipif(not ENGINE_READY, reason="training engine not present")
 def test_cli_warmup_then_compare_checkpoints(tmp_path, capsys):
     out = tmp_path / "a"
     assert analyze.main(["--config", str(REPO / "configs" / "mlp4.yaml"), "--dataset", "digits",
@@ -175,31 +170,21 @@ def test_cli_warmup_then_compare_checkpoints(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------- bad input
 
-def _cli(*args, cwd, expect=2):
-    """python -m nsr analyze; with expect=2 exactly one `error:` line on stderr, no traceback."""
-    proc = subprocess.run([sys.executable, "-m", "nsr", "analyze", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert proc.returncode == expect, (args, proc.returncode, proc.stdout, proc.stderr)
+def _cli(*args, expect=2):
+    """`python -m nsr analyze` in-process, in the current folder; with expect=2 exactly one
+    `error:` line on stderr, no traceback."""
+    result = run_in_process("-m nsr analyze", *args)
+    assert result.code == expect, (args, result.code, result.out, result.err)
     if expect == 2:
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    return proc
+        assert_one_error_line(result.err)
+    return result
 
 
-def _files(folder: Path) -> dict:
-    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
-
-
-@pytest.mark.skipif(not ENGINE_READY, reason="training engine not present")
-def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
-    from nsr.train.checkpoint import load_checkpoint, save_checkpoint
-
-    for model in ("mlp4",):
-        subprocess.run([sys.executable, str(REPO / "fdnn_nsr.py"), "--config",
-                        str(REPO / "configs" / f"{model}.yaml"), "--dataset", "digits", "--epochs", "1",
-                        "--out", str(tmp_path / model), "--quiet"], check=True,
-                       capture_output=True, timeout=300, cwd=tmp_path)
-    state = load_checkpoint(str(tmp_path / "mlp4" / "best.pt"))
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch, digits_reference):
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(f"{digits_reference[0]}/best.pt", tmp_path / "best.pt")  # MLP-4 trained on digits
+    (tmp_path / "folder").mkdir()
+    state = load_checkpoint(str(tmp_path / "best.pt"))
     crafted = {  # a checkpoint's format marker with the wrong insides
         "config_list": {**state, "config": [1, 2]},
         "weights_text": {**state, "model": {"fc1.weight": "x"}},
@@ -208,10 +193,10 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
         "wrong_shape": {**state, "model": {**state["model"], "out.weight": torch.zeros(3, 100)}},
     }
     for name, value in crafted.items():
-        save_checkpoint({k: v for k, v in value.items() if k != "format"}, str(tmp_path / f"{name}.pt"))
-    (tmp_path / "truncated.pt").write_bytes((tmp_path / "mlp4" / "best.pt").read_bytes()[:300])
+        save_checkpoint({k: v for k, v in value.items() if k not in ("format", "version")}, str(tmp_path / f"{name}.pt"))
+    (tmp_path / "truncated.pt").write_bytes((tmp_path / "best.pt").read_bytes()[:300])
     (tmp_path / "a_file").write_text("x")
-    best = str(tmp_path / "mlp4" / "best.pt")
+    best = "best.pt"
     cases = {
         "unknown option --seeds; did you mean --seed?": ["--checkpoint", best, "--seeds", "3"],
         "argument --batch-size: invalid int value: 'x'": ["--checkpoint", best, "--batch-size", "x"],
@@ -221,7 +206,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
         "--warmup-epochs must be at least 1": ["--config", best, "--warmup-epochs", "0"],
         "a_file is a file; give a folder": ["--checkpoint", best, "--out", "a_file"],
         "lies under the file": ["--checkpoint", best, "--out", "a_file/sub"],
-        "is a folder; give a checkpoint file": ["--checkpoint", str(tmp_path / "mlp4")],
+        "is a folder; give a checkpoint file": ["--checkpoint", "folder"],
         "not found": ["--checkpoint", "missing.pt"],
         "truncated or not a PyTorch checkpoint": ["--checkpoint", "truncated.pt"],
         "config_list.pt holds no model weights and config": ["--checkpoint", "config_list.pt"],
@@ -239,17 +224,18 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
         "unknown device 'tpu'": ["--checkpoint", best, "--device", "tpu"],
         "val_size must be at least 1": ["--checkpoint", best, "--val-size", "-3"],
     }
-    before = _files(tmp_path)
+    before = fingerprint(tmp_path)
     for expected, args in cases.items():
-        proc = _cli(*args, cwd=tmp_path)
-        assert expected in proc.stderr, (args, proc.stderr)
-    assert _files(tmp_path) == before  # no runs/ folder, no warm-up, nothing replaced
+        result = _cli(*args)
+        assert expected in result.err, (args, result.err)
+    assert fingerprint(tmp_path) == before  # no runs/ folder, no warm-up, nothing replaced
     # the same checkpoint on the data it was trained on works
-    _cli("--checkpoint", best, "--max-samples", "100", "--out", "ok", cwd=tmp_path, expect=0)
+    _cli("--checkpoint", best, "--max-samples", "100", "--out", "ok", expect=0)
     assert json.loads((tmp_path / "ok" / "analysis.json").read_text())["num_samples"] == 100
 
 
-def test_binary_config_file_is_one_line(tmp_path):
+def test_binary_config_file_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "binary.yaml").write_bytes(b"model: mlp4\n\x80\x81\xff\n")
-    proc = _cli("--config", "binary.yaml", cwd=tmp_path)
-    assert "binary.yaml" in proc.stderr and not (tmp_path / "runs").exists()
+    result = _cli("--config", "binary.yaml")
+    assert "binary.yaml" in result.err and not (tmp_path / "runs").exists()

@@ -14,16 +14,16 @@ from nsr.train.config import CLI_ONLY, parse_args
 from nsr.train.engine import Trainer, train
 from nsr.train.errors import UserError
 from nsr.train.outdir import OutputFolder
-
-FAST = ["--dataset", "digits", "--batch-size", "32", "--lr", "0.05", "--momentum", "0.9", "--quiet"]
-TIMES = {"epoch_time_s", "train_time_s"}
-
-
-def without_times(history):
-    return [{k: v for k, v in row.items() if k not in TIMES} for row in history]
+from tests.helpers import DIGITS as FAST
+from tests.helpers import assert_error, run_in_process, without_times
 
 
-def test_each_option_runs_through_the_script_and_is_recorded(tmp_path, script):
+def script(name, *args):
+    result = run_in_process(name, *args)
+    assert result.code == 0 and result.err == "", result.err
+
+
+def test_each_option_runs_through_the_script_and_is_recorded(tmp_path):
     out = tmp_path / "run"
     script("fdnn_nsr.py", *FAST, "--max-steps", "3", "--regularizer", "center", "--center-alpha", "0.3",
            "--label-smoothing", "0.1", "--dropout", "0.2", "--lambda", "0.5", "--out", str(out))
@@ -123,10 +123,8 @@ def test_resume_with_a_changed_baseline_setting_is_refused(tmp_path, change):
     (["--center-alpha", "nan"], "center_alpha"),
     (["--regularizer", "center", "--active-only"], "active_only"),
 ])
-def test_bad_baseline_settings_are_one_error_line(tmp_path, script, args, words):
+def test_bad_baseline_settings_are_one_error_line(tmp_path, args, words):
     out = tmp_path / "out"
-    proc = script("fdnn_nsr.py", "--dataset", "digits", "--epochs", "1", "--out", str(out), *args, check=False)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], proc.stderr
+    assert_error(run_in_process("fdnn_nsr.py", "--dataset", "digits", "--epochs", "1", "--out", str(out), *args),
+                 words)
     assert not out.exists()

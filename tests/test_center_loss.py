@@ -278,6 +278,8 @@ def ddp_worker(rank, world, port, queue):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned processes
+@pytest.mark.timeout(300)
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_two_gloo_ranks_update_centres_from_the_whole_batch():
     model = make_model()

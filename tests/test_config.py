@@ -4,9 +4,10 @@ import os
 
 import pytest
 
-from nsr.train.config import Config, parse_args, to_dict
+from nsr.search.trial import config_overrides
+from nsr.train.config import Config, apply_overrides, parse_args, to_dict, validate
 from nsr.train.errors import UserError
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def write(tmp_path, text, name="c.yaml"):
@@ -102,9 +103,6 @@ def test_bad_yaml_keys_and_types(tmp_path):
 
 
 def test_nni_parameters_map_to_config_keys():
-    from nsr.search.trial import config_overrides
-    from nsr.train.config import Config, apply_overrides, validate
-
     assert config_overrides({"nsr_layer": "fc2", "lambda": 0.5, "lr": 0.1}) == \
         {"nsr_layers": ["fc2"], "lambda": [0.5], "lr": 0.1}
     assert config_overrides({"lambda": [1.0, 2.0]}) == {"lambda": [1.0, 2.0]}

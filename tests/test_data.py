@@ -2,6 +2,7 @@
 
 import gzip
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -162,8 +163,6 @@ def write_cifar_like(data_dir, n=10, seed=0):
     """cifar-10-batches-py/ as the python version of CIFAR-10 has it: dicts of a uint8 'data'
     array N x 3072 (1024 red, then green, then blue values, rows of 32) and a list of 'labels',
     pickled with protocol 2 and numpy named as the numpy of 2009 did (numpy.core.multiarray)."""
-    import pickle
-
     rng = np.random.default_rng(seed)
     folder = os.path.join(data_dir, "cifar-10-batches-py")
     os.makedirs(folder)
@@ -204,8 +203,6 @@ def test_cifar10_batches_are_read_pixel_for_pixel(tmp_path):
     ("missing", r"cifar-10-batches-py holds only part of CIFAR-10: missing data_batch_3;"),
 ])
 def test_damaged_cifar10_folder_names_the_file_and_never_downloads_or_runs_code(tmp_path, damage, message):
-    import pickle
-
     folder, _ = write_cifar_like(tmp_path, n=4)
     path = os.path.join(folder, "data_batch_3")
     raw = open(path, "rb").read()

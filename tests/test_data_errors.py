@@ -1,16 +1,15 @@
-"""Bad data through the real script: one `error:` line on stderr that says what is true, exit code
-2, no output folder, the data folder as it was (no download over a damaged copy)."""
+"""Bad data through the real script (in-process, tests/helpers.run_in_process): one `error:` line on
+stderr that says what is true, exit code 2, no output folder, the data folder as it was (no
+download over a damaged copy). A real process's exit code: test_entry_points.py."""
 
 import gzip
 import os
 import pickle
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import assert_error, run_in_process
 from tests.test_data import IDX_FILES, idx_bytes, write_cifar_like, write_mnist_like
 from tests.test_imagefolder import write_folder
 
@@ -102,29 +101,14 @@ def listing(root):
     return sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files)
 
 
-def run_script(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "fdnn_nsr.py"), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-
-
-def assert_one_error_line(stderr, *fragments):
-    assert "Traceback" not in stderr, stderr
-    lines = stderr.strip("\n").splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_data_through_the_real_script(tmp_path, case):
     dataset, make, extra, *fragments = CASES[case]
     data_dir = make(str(tmp_path / "data"))
     before = listing(tmp_path / "data")
     out = tmp_path / "out"
-    proc = run_script("--dataset", dataset, "--data-dir", data_dir, "--out", str(out), "--epochs", "1",
-                      "--quiet", *extra)
-    assert proc.returncode == 2, (proc.returncode, proc.stderr)
-    assert_one_error_line(proc.stderr, *fragments)
+    assert_error(run_in_process("fdnn_nsr.py", "--dataset", dataset, "--data-dir", data_dir, "--out", str(out),
+                                "--epochs", "1", "--quiet", *extra), *fragments)
     assert not out.exists(), "a run that cannot start leaves no output folder"
     assert listing(tmp_path / "data") == before, "the data folder was changed"
 
@@ -135,10 +119,7 @@ def test_a_damaged_image_met_in_training_is_one_line_naming_it(tmp_path):
     write_folder(tmp_path / "data", {"a": 2, "b": 2}, {"a": 1})
     bad = tmp_path / "data" / "train" / "b" / "1.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "cnn_nsr.py"), "--dataset", "imagenet",
-                           "--data-dir", str(tmp_path / "data"), "--model", "resnet18", "--device", "cpu",
-                           "--batch-size", "3", "--val-size", "1", "--workers", "2",
-                           "--out", str(tmp_path / "out"), "--epochs", "1", "--quiet"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2, (proc.returncode, proc.stderr)
-    assert_one_error_line(proc.stderr, f"cannot read image {bad} (", "replace or remove the file")
+    result = run_in_process("cnn_nsr.py", "--dataset", "imagenet", "--data-dir", str(tmp_path / "data"),
+                            "--model", "resnet18", "--device", "cpu", "--batch-size", "3", "--val-size", "1",
+                            "--workers", "2", "--out", str(tmp_path / "out"), "--epochs", "1", "--quiet")
+    assert_error(result, f"cannot read image {bad} (", "replace or remove the file")

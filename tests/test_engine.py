@@ -3,65 +3,71 @@
 import csv
 import json
 import os
-import time
+import types
 
-import pytest
+import numpy as np
 import torch
 import yaml
+from sklearn.datasets import load_digits
 
+import models
+import nsr.train.build as build
+import nsr.train.engine as engine
 from models import build_model
 from nsr.train.checkpoint import load_checkpoint
 from nsr.train.config import parse_args
 from nsr.train.engine import train
-
-TIMES = {"epoch_time_s", "train_time_s"}
-FAST = ["--dataset", "digits", "--batch-size", "32", "--lr", "0.05", "--momentum", "0.9", "--quiet"]
+from tests.helpers import DIGITS, DIGITS_EPOCHS, MLP4, assert_error, outcome, run_in_process, without_times
 
 
-def without_times(history):
-    return [{k: v for k, v in row.items() if k not in TIMES} for row in history]
-
-
-@pytest.mark.parametrize("script_name, nsr", [("fdnn_vanilla.py", False), ("fdnn_nsr.py", True)])
-def test_scripts_learn_digits_and_write_every_output(tmp_path, script, script_name, nsr):
-    out = tmp_path / "run"
-    proc = script(script_name, *FAST, "--epochs", "3", "--out", str(out))
-    assert "test error" in proc.stdout
-    m = json.loads((out / "metrics.json").read_text())
+def check_every_output(out, m, nsr, epochs):
     for key in ("model", "dataset", "seed", "lambda", "epochs", "num_params", "best_epoch", "best_val_acc",
                 "test_acc", "test_error", "train_time_s", "history"):
         assert key in m, key
-    assert (m["model"], m["dataset"], m["epochs"], m["finished"], m["regularizer"]) == ("mlp4", "digits", 3, True, "nsr" if nsr else "none")
+    assert (m["model"], m["dataset"], m["epochs"], m["finished"], m["regularizer"]) == \
+        ("mlp4", "digits", epochs, True, "nsr" if nsr else "none")
     assert m["num_params"] == (64 * 256 + 256) + (256 * 100 + 100) + (100 * 10 + 10)
-    assert m["test_acc"] > 60, "far above the 10 % of chance after 3 epochs"
+    assert m["test_acc"] > 60, "far above the 10 % of chance"
     assert abs(m["test_error"] - (100 - m["test_acc"])) < 1e-9
     assert m["lambda"] == ([7.4865] if nsr else [])
-    assert len(m["history"]) == 3
+    assert len(m["history"]) == epochs
     for row in m["history"]:
         assert set(row) >= {"train_loss", "ce_loss", "nsr_loss", "train_acc", "val_acc", "lr", "epoch_time_s"}
         assert abs(row["train_loss"] - row["ce_loss"] - row["nsr_loss"]) < 1e-6
         assert (row["nsr_loss"] > 0) == nsr
-    with open(out / "history.csv") as f:
+    with open(os.path.join(out, "history.csv")) as f:
         rows = list(csv.DictReader(f))
     assert [float(r["val_acc"]) for r in rows] == [r["val_acc"] for r in m["history"]]
-    saved = yaml.safe_load((out / "config.yaml").read_text())
+    with open(os.path.join(out, "config.yaml")) as f:
+        saved = yaml.safe_load(f)
     assert saved["regularizer"] == ("nsr" if nsr else "none") and saved["dataset"] == "digits"
     assert {"last.pt", "best.pt"} <= set(os.listdir(out))
 
 
-def test_reported_test_accuracy_is_the_one_at_the_best_validation_epoch(tmp_path):
-    out = tmp_path / "run"
-    m = train(parse_args([*FAST, "--epochs", "4", "--out", str(out)]))
+def test_fdnn_nsr_learns_digits_and_writes_every_output(digits_reference):
+    out, m, stdout = digits_reference  # `python fdnn_nsr.py`, run in-process by the fixture
+    assert "test error" in stdout
+    check_every_output(out, m, nsr=True, epochs=DIGITS_EPOCHS)
+
+
+def test_fdnn_vanilla_learns_digits_and_writes_every_output(tmp_path):
+    out = str(tmp_path / "run")
+    result = run_in_process("fdnn_vanilla.py", *DIGITS, "--epochs", "3", "--out", out)
+    assert result.code == 0 and result.err == "", result.err
+    assert "test error" in result.out
+    with open(os.path.join(out, "metrics.json")) as f:
+        check_every_output(out, json.load(f), nsr=False, epochs=3)
+
+
+def test_reported_test_accuracy_is_the_one_at_the_best_validation_epoch(digits_reference):
+    out, m, _ = digits_reference
     vals = [r["val_acc"] for r in m["history"]]
     assert m["best_epoch"] == vals.index(max(vals)) + 1 and m["best_val_acc"] == max(vals)
     # Re-evaluate best.pt on the test set independently of the engine.
-    state = load_checkpoint(str(out / "best.pt"))
+    state = load_checkpoint(os.path.join(out, "best.pt"))
     assert state["position"]["epoch"] == m["best_epoch"]
     model = build_model("mlp4", 10, (1, 8, 8))
     model.load_state_dict(state["model"])
-    import numpy as np
-    from sklearn.datasets import load_digits
-
     d = load_digits()
     test = np.random.default_rng(12345).permutation(len(d.images))[:360]
     x = torch.from_numpy(np.round(d.images[test] * (255 / 16)).astype(np.uint8)).float().div(255)[:, None]
@@ -69,81 +75,99 @@ def test_reported_test_accuracy_is_the_one_at_the_best_validation_epoch(tmp_path
     assert abs(acc - m["test_acc"]) < 1e-9
 
 
-def test_resume_gives_identical_history(tmp_path):
-    straight = train(parse_args([*FAST, "--epochs", "4", "--out", str(tmp_path / "a")]))
-    train(parse_args([*FAST, "--epochs", "2", "--out", str(tmp_path / "b")]))
-    resumed = train(parse_args([*FAST, "--epochs", "4", "--out", str(tmp_path / "b"), "--resume"]))
-    assert without_times(resumed["history"]) == without_times(straight["history"])
-    assert resumed["test_acc"] == straight["test_acc"]
-    a = load_checkpoint(str(tmp_path / "a" / "last.pt"))
-    b = load_checkpoint(str(tmp_path / "b" / "last.pt"))
+def assert_same_state(out, reference_out):
+    a = load_checkpoint(os.path.join(reference_out, "last.pt"))
+    b = load_checkpoint(os.path.join(out, "last.pt"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert all(torch.equal(a["nsr"][k], b["nsr"][k]) for k in a["nsr"])
+    for key in a["optimizer"]["state"]:
+        assert torch.equal(a["optimizer"]["state"][key]["momentum_buffer"],
+                           b["optimizer"]["state"][key]["momentum_buffer"])
 
 
-def test_max_steps_stop_inside_an_epoch_resumes_like_a_straight_run(tmp_path):
-    """digits at batch 32: 36 steps per epoch. --max-steps 15 stops inside epoch 1; resuming with
-    --max-steps 50 must run the other 21 steps of epoch 1, then 14 of epoch 2, as a straight run does."""
-    straight = train(parse_args([*FAST, "--epochs", "5", "--max-steps", "50", "--out", str(tmp_path / "a")]))
-    first = train(parse_args([*FAST, "--epochs", "5", "--max-steps", "15", "--out", str(tmp_path / "b")]))
-    assert (first["global_steps"], first["epochs"], first["finished"], first["stopped_by"]) == (15, 0, False, "max_steps")
-    assert first["history"] == [] and first["best_epoch"] == -1, "a partial epoch is not a finished one"
-    partial = first["partial_epoch"]
+def test_resume_at_an_epoch_end_gives_identical_history(tmp_path, digits_reference):
+    out = str(tmp_path / "b")
+    train(parse_args([*DIGITS, "--epochs", "2", "--out", out], default_config=MLP4))
+    resumed = train(parse_args([*DIGITS, "--epochs", str(DIGITS_EPOCHS), "--out", out, "--resume"],
+                               default_config=MLP4))
+    assert outcome(resumed) == outcome(digits_reference[1])
+    assert resumed["test_acc"] == digits_reference[1]["test_acc"]
+    assert_same_state(out, digits_reference[0])
+
+
+def test_max_steps_stops_inside_an_epoch_twice_and_resumes_like_a_straight_run(tmp_path, digits_reference):
+    """36 steps per epoch. --max-steps 15 stops inside epoch 1; --resume --max-steps 50 runs its
+    other 21 steps, then 14 of epoch 2, and stops again; --resume runs to the end. The end is the
+    uninterrupted run's, bit for bit (its running sums too)."""
+    out = str(tmp_path / "b")
+    run = [*DIGITS, "--epochs", str(DIGITS_EPOCHS), "--out", out]
+    first = run_in_process("fdnn_nsr.py", *run, "--max-steps", "15")
+    assert first.code == 0, first.err
+    assert "stopped by --max-steps in epoch 1 at step 15/36" in first.out
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    assert (m["global_steps"], m["epochs"], m["finished"], m["stopped_by"]) == (15, 0, False, "max_steps")
+    assert m["history"] == [] and m["best_epoch"] == -1, "a partial epoch is not a finished one"
+    partial = m["partial_epoch"]
     assert (partial["epoch"], partial["step"], partial["of"]) == (1, 15, 36)
     assert 0 <= partial["val_acc"] <= 100 and 0 <= partial["test_acc"] <= 100
-    assert not (tmp_path / "b" / "best.pt").exists()
-    position = load_checkpoint(str(tmp_path / "b" / "last.pt"))["position"]
+    assert not os.path.exists(os.path.join(out, "best.pt"))
+    position = load_checkpoint(os.path.join(out, "last.pt"))["position"]
     assert (position["epoch"], position["step"], position["global_step"]) == (0, 15, 15)
-    resumed = train(parse_args([*FAST, "--epochs", "5", "--max-steps", "50", "--out", str(tmp_path / "b"),
-                                "--resume"]))
-    assert resumed["global_steps"] == straight["global_steps"] == 50
-    assert without_times(resumed["history"]) == without_times(straight["history"])
-    assert len(straight["history"]) == 1 and straight["partial_epoch"]["step"] == 14
-    assert {k: v for k, v in resumed["partial_epoch"].items()} == straight["partial_epoch"]
-    a = load_checkpoint(str(tmp_path / "a" / "last.pt"))
-    b = load_checkpoint(str(tmp_path / "b" / "last.pt"))
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert all(torch.equal(a["nsr"][k], b["nsr"][k]) for k in a["nsr"])
+
+    second = run_in_process("fdnn_nsr.py", *run, "--max-steps", "50", "--resume")
+    assert second.code == 0, second.err
+    assert "stopped by --max-steps in epoch 2 at step 14/36" in second.out
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    assert m["global_steps"] == 50 and m["partial_epoch"]["step"] == 14
+    assert without_times(m["history"]) == without_times(digits_reference[1]["history"][:1])
+
+    resumed = train(parse_args([*run, "--resume"], default_config=MLP4))
+    assert resumed["partial_epoch"] is None
+    assert outcome(resumed) == outcome(digits_reference[1])
+    assert_same_state(out, digits_reference[0])
+    a = load_checkpoint(os.path.join(digits_reference[0], "last.pt"))
+    b = load_checkpoint(os.path.join(out, "last.pt"))
     assert torch.equal(a["meter"]["losses"], b["meter"]["losses"])
 
 
 def test_vanilla_builds_no_regularizer(tmp_path, monkeypatch):
-    import nsr.train.build as build
-
     def forbidden(*args, **kwargs):
         raise AssertionError("vanilla must not build NeuronSteadiness")
 
     monkeypatch.setattr(build, "NeuronSteadiness", forbidden)
-    m = train(parse_args([*FAST, "--regularizer", "none", "--epochs", "1", "--out", str(tmp_path / "v")]))
+    m = train(parse_args([*DIGITS, "--regularizer", "none", "--epochs", "1", "--out", str(tmp_path / "v")]))
     assert m["history"][0]["nsr_loss"] == 0.0
 
 
-def test_a_model_that_cannot_take_the_data_fails_before_training(tmp_path, capsys, monkeypatch):
-    import models
-    from nsr.train.engine import main
-
+def test_a_model_that_cannot_take_the_data_fails_before_training(tmp_path, monkeypatch):
     three_channels = lambda classes, shape, dropout=0.0: torch.nn.Sequential(  # noqa: E731
         torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, classes))
     monkeypatch.setitem(models.MODELS, "mlp4", three_channels)
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv=[*FAST, "--regularizer", "none", "--epochs", "1", "--out", str(tmp_path / "o")])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert err.startswith("error: model mlp4 cannot take digits's inputs of shape (1, 8, 8) (")
+    result = run_in_process("fdnn_vanilla.py", *DIGITS, "--epochs", "1", "--out", str(tmp_path / "o"))
+    assert_error(result, "model mlp4 cannot take digits's inputs of shape (1, 8, 8) (")
+    assert result.err.startswith("error: model mlp4")
     assert not (tmp_path / "o").exists()
 
 
 def test_train_time_counts_training_steps_only(tmp_path, monkeypatch):
-    import nsr.train.engine as engine
+    """On a clock the test moves (1 s per training step, 100 s per evaluation) the engine's
+    timings come out exact, whatever the machine's speed."""
+    now, evaluations = [0.0], [0]
+    monkeypatch.setattr(engine, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    step, evaluate = engine.Trainer.train_step, engine.evaluate
 
-    evaluate = engine.evaluate
+    def timed_step(self, xb, yb):
+        step(self, xb, yb)
+        now[0] += 1.0
 
-    def slow_evaluate(trainer, batches):
-        time.sleep(0.3)
+    def timed_evaluate(trainer, batches):
+        now[0] += 100.0
+        evaluations[0] += 1
         return evaluate(trainer, batches)
 
-    monkeypatch.setattr(engine, "evaluate", slow_evaluate)
-    m = train(parse_args([*FAST, "--epochs", "2", "--out", str(tmp_path / "t")]))
-    assert m["eval_time_s"] >= 0.3 * 3 - 1e-3  # validation in both epochs, test at least once
-    assert m["train_time_s"] == pytest.approx(sum(r["epoch_time_s"] for r in m["history"]))
-    assert m["train_time_s"] < 0.9, "counting the evaluations would make it 0.9 s or more"
+    monkeypatch.setattr(engine.Trainer, "train_step", timed_step)
+    monkeypatch.setattr(engine, "evaluate", timed_evaluate)
+    m = train(parse_args([*DIGITS, "--epochs", "2", "--out", str(tmp_path / "t")]))
+    assert [r["epoch_time_s"] for r in m["history"]] == [36.0, 36.0]
+    assert m["train_time_s"] == 72.0, "evaluations are not training time"
+    assert evaluations[0] >= 3 and m["eval_time_s"] == 100.0 * evaluations[0]  # validation twice, test at least once

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from models import build_model
 from models.resnet_cifar import resnet18_cifar
 from models.vgg import vgg19_bn_cifar
+from nsr import NeuronSteadiness
 
 
 def n_params(model):
@@ -91,8 +92,6 @@ def test_feature_shapes_for_nsr_targets():
     ("vgg19", {"fc": 0.5, "features": 0.1}),
 ])
 def test_nsr_on_named_layers(name, layers):
-    from nsr import NeuronSteadiness
-
     model = build_model(name, 10, (3, 32, 32))
     reg = NeuronSteadiness(model, layers, num_classes=10, per_channel=True)
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])

@@ -55,6 +55,8 @@ def _imports_after(code: str, cwd: str, env: dict | None = None) -> set[str]:
     return {name.split(".")[0] for name in r.stdout.split()} | {n for n in r.stdout.split() if n.startswith("nsr.")}
 
 
+@pytest.mark.slow  # a fresh interpreter: this one has loaded the lab already
+@pytest.mark.timeout(300)
 def test_the_library_imports_torch_only():
     loaded = _imports_after("import nsr; from nsr import NeuronSteadiness, CenterLoss, steadiness_loss", ROOT)
     assert "torch" in loaded
@@ -63,6 +65,7 @@ def test_the_library_imports_torch_only():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_a_plain_install_holds_the_library_alone_and_works_from_anywhere(tmp_path):
     """`pip install .` (not editable) into a folder: no top-level `models`, no lab; NSR trains."""
     target, elsewhere = tmp_path / "site", tmp_path / "elsewhere"

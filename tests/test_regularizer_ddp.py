@@ -87,6 +87,8 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two spawned processes
+@pytest.mark.timeout(300)
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_two_gloo_ranks_match_one_process_on_the_whole_batch():
     model = make_model()

@@ -1,12 +1,16 @@
-"""NNI search: nsr.search.trial outside/inside a trial, configs/nni/*.yml, and real NNI experiments.
+"""NNI search: nsr.search.trial outside/inside a trial, configs/nni/*.yml, python -m nsr search's
+checks before NNI starts (in-process, through the dispatcher), and real NNI experiments.
 
-The experiments are real: NNI's manager (Node.js), its TPE tuner and fdnn_nsr.py trials on the
-bundled `digits` set. Each runs with HOME and NNI's experiment directory inside tmp_path, on a
-free loopback port, so nothing lands in ~/nni-experiments.
+The experiments (marked slow) are real: NNI's manager (Node.js), its TPE tuner and fdnn_nsr.py
+trials on the bundled `digits` set. Each runs with HOME and NNI's experiment directory inside
+tmp_path, on a free loopback port, so nothing lands in ~/nni-experiments. Each proves what the
+others do not: a search end to end (on a port a previous search left in TIME_WAIT), a failed
+trial, Ctrl-C, a tuner that dies (two ways), kill -9 of the launcher.
 """
 
 from __future__ import annotations
 
+import importlib.abc
 import json
 import os
 import shlex
@@ -21,8 +25,16 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+from nni.experiment.config import ExperimentConfig
 
-REPO = Path(__file__).resolve().parents[1]
+from nsr.search import launcher
+from nsr.search import trial as nni_trial
+from nsr.search.workarounds import no_trial_note, visible_gpu_count
+from nsr.train.config import key_names, parse_args
+from nsr.train.errors import UserError
+from tests.helpers import ROOT, assert_error, free_port, run_in_process
+
+REPO = Path(ROOT)
 PY = sys.executable
 NNI_CONFIGS = ["mlp3", "mlp4", "mlp6", "mlp8", "mlp10", "resnet18_cifar10", "vgg19_cifar10"]
 QUICK = "--dataset digits --epochs 1"
@@ -36,12 +48,6 @@ def _clean_env(tmp_path: Path) -> dict[str, str]:
     env["HOME"] = str(home)  # NNI's experiment registry (~/nni-experiments/.experiment) goes here
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _leftovers(marker: str) -> list[str]:
@@ -58,7 +64,7 @@ def _leftovers(marker: str) -> list[str]:
 
 
 def _search_cmd(tmp_path: Path, *extra: str, config: str = "configs/nni/mlp4.yml") -> list[str]:
-    return [PY, "-m", "nsr", "search", config, "--port", str(_free_port()),
+    return [PY, "-m", "nsr", "search", config, "--port", str(free_port()),
             "--out", str(tmp_path / "out"), "--experiment-dir", str(tmp_path / "nni"), *extra]
 
 
@@ -84,10 +90,10 @@ def _group_alive(pgid: int) -> list[str]:
 
 
 def _assert_no_leftovers(tmp_path: Path, exp_id: str | None) -> None:
-    deadline = time.time() + 10
+    deadline = time.monotonic() + 30  # a condition with a generous bound: gone in seconds
     while True:
         left = _leftovers(str(tmp_path / "nni")) + (_leftovers(exp_id) if exp_id else [])
-        if not left or time.time() > deadline:
+        if not left or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     assert not left, "processes left behind:\n" + "\n".join(left)
@@ -95,23 +101,33 @@ def _assert_no_leftovers(tmp_path: Path, exp_id: str | None) -> None:
 
 # ------------------------------------------------------------------------------ nni_trial
 
-def test_nni_trial_outside_nni_is_silent_and_does_not_import_nni(tmp_path):
-    code = (
-        "import sys\n"
-        "from nsr.search import trial as t\n"
-        "assert t.in_trial() is False\n"
-        "assert t.get_trial_parameters() is None\n"
-        "t.report_intermediate(50.0)\n"
-        "t.report_intermediate(float('nan'))\n"
-        "t.report_final(97.5, 97.1)\n"
-        "assert 'nni' not in sys.modules, sorted(m for m in sys.modules if m.startswith('nni'))\n"
-    )
-    env = _clean_env(tmp_path)
-    env["NNI_PLATFORM"] = "unittest"  # NNI's own marker for "no runtime"
-    env["NNI_TRIAL_JOB_ID"] = "abc"
-    r = subprocess.run([PY, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout == "" and r.stderr == ""
+class _ImportsOfNNI(importlib.abc.MetaPathFinder):
+    """Records every attempt to import nni (or a submodule) that sys.modules cannot answer."""
+
+    def __init__(self):
+        self.asked: list[str] = []
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "nni":
+            self.asked.append(name)
+        return None  # the real finders go on
+
+
+def test_nni_trial_outside_nni_is_silent_and_does_not_import_nni(monkeypatch, capsys):
+    for name in [m for m in sys.modules if m.split(".")[0] == "nni"]:
+        monkeypatch.delitem(sys.modules, name)  # as in a fresh process: nni not loaded yet
+    imports = _ImportsOfNNI()
+    monkeypatch.setattr(sys, "meta_path", [imports, *sys.meta_path])
+    monkeypatch.setenv("NNI_PLATFORM", "unittest")  # NNI's own marker for "no runtime"
+    monkeypatch.setenv("NNI_TRIAL_JOB_ID", "abc")
+    assert nni_trial.in_trial() is False
+    assert nni_trial.get_trial_parameters() is None
+    assert nni_trial.nni_hooks() is None
+    nni_trial.report_intermediate(50.0)
+    nni_trial.report_intermediate(float("nan"))
+    nni_trial.report_final(97.5, 97.1)
+    assert imports.asked == []
+    assert capsys.readouterr() == ("", "")
 
 
 @pytest.mark.parametrize("env, expected", [
@@ -123,8 +139,6 @@ def test_nni_trial_outside_nni_is_silent_and_does_not_import_nni(tmp_path):
     ({"NNI_PLATFORM": "remote", "NNI_TRIAL_JOB_ID": "abc"}, True),
 ])
 def test_in_trial_reads_nni_environment(monkeypatch, env, expected):
-    from nsr.search import trial as nni_trial
-
     for key in ("NNI_PLATFORM", "NNI_TRIAL_JOB_ID"):
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
@@ -147,8 +161,6 @@ def fake_nni(monkeypatch):
 
 
 def test_nni_trial_inside_trial_uses_nni(fake_nni):
-    from nsr.search import trial as nni_trial
-
     assert nni_trial.in_trial()
     assert nni_trial.get_trial_parameters() == {"lambda": 0.25, "queue_batches": 5}
     nni_trial.report_intermediate(91.5)
@@ -158,9 +170,6 @@ def test_nni_trial_inside_trial_uses_nni(fake_nni):
 
 
 def test_nni_trial_never_reports_nan(fake_nni):
-    from nsr.search import trial as nni_trial
-    from nsr.train.errors import UserError
-
     with pytest.raises(UserError, match="validation accuracy"):
         nni_trial.report_intermediate(float("nan"))
     with pytest.raises(UserError, match="best validation accuracy"):
@@ -173,10 +182,6 @@ def test_nni_trial_never_reports_nan(fake_nni):
 
 @pytest.mark.parametrize("name", NNI_CONFIGS)
 def test_nni_config_is_valid_and_points_at_the_right_script(name, tmp_path, monkeypatch):
-    from nni.experiment.config import ExperimentConfig
-
-    from nsr.train.config import key_names, parse_args
-
     monkeypatch.chdir(tmp_path)  # relative paths must resolve against the YAML's folder, not cwd
     config = ExperimentConfig.load(str(REPO / "configs" / "nni" / f"{name}.yml"))
     canon = config.canonical_copy()  # NNI's own validation
@@ -208,6 +213,24 @@ def test_nni_config_is_valid_and_points_at_the_right_script(name, tmp_path, monk
 
 
 # ------------------------------------------------------------------------------ python -m nsr search errors
+# In-process through the dispatcher, from the repository (configs/nni/... resolve there);
+# test_entry_points.py runs the command once as a process.
+
+def search(tmp_path, *args) -> str:
+    """`python -m nsr search ARGS --out ... --experiment-dir ...`, expected to fail before NNI
+    starts: its one error line."""
+    result = run_in_process("-m nsr search", *args, "--out", str(tmp_path / "out"),
+                            "--experiment-dir", str(tmp_path / "nni"))
+    line = assert_error(result)
+    assert result.out == ""
+    assert not (tmp_path / "nni").exists()  # nothing was started
+    return line
+
+
+@pytest.fixture
+def in_repo(monkeypatch):
+    monkeypatch.chdir(REPO)
+
 
 @pytest.mark.parametrize("setup, args, message", [
     (None, ["missing.yml"], "not found"),
@@ -217,19 +240,11 @@ def test_nni_config_is_valid_and_points_at_the_right_script(name, tmp_path, monk
     (None, ["configs/nni/mlp4.yml", "--gpu-indices", "a"], "--gpu-indices"),
     (None, ["configs/nni/mlp4.yml", "--max-trials", "0"], "--max-trials"),
 ])
-def test_search_bad_input_is_one_line(tmp_path, setup, args, message):
+def test_search_bad_input_is_one_line(tmp_path, in_repo, setup, args, message):
     cfg = tmp_path / "bad.yml"
     if setup is not None:
         cfg.write_text(setup)
-    args = [a.format(cfg=cfg) for a in args]
-    r = subprocess.run([PY, "-m", "nsr", "search", *args, "--port", "0", "--out", str(tmp_path / "out"),
-                        "--experiment-dir", str(tmp_path / "nni")],
-                       cwd=REPO, env=_clean_env(tmp_path), capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0
-    assert "Traceback" not in r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
-    assert not (tmp_path / "nni").exists()  # nothing was started
+    assert message in search(tmp_path, *[a.format(cfg=cfg) for a in args], "--port", "0")
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -240,100 +255,122 @@ def test_search_bad_input_is_one_line(tmp_path, setup, args, message):
     ({"_type": "uniform", "_value": ["a", 1]}, "must have float values"),
     ({"_type": "quniform", "_value": [0, 1]}, "must have 3 values"),
 ])
-def test_search_space_the_tuner_cannot_use_is_refused_before_nni_starts(tmp_path, spec, message):
+def test_search_space_the_tuner_cannot_use_is_refused_before_nni_starts(tmp_path, in_repo, spec, message):
     # NNI 3.0 would start, its tuner would die on the first of these, and the search would wait
     # for maxExperimentDuration (48 h)
     cfg = _config_with(tmp_path, searchSpace={"lambda": spec})
-    start = time.time()
-    r = subprocess.run([PY, "-m", "nsr", "search", str(cfg), "--port", "0", "--out", str(tmp_path / "out"),
-                        "--experiment-dir", str(tmp_path / "nni")],
-                       cwd=REPO, env=_clean_env(tmp_path), capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2, r.stdout + r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: NNI config {str(cfg)!r}: "), r.stderr
-    assert message in lines[0] and "lambda" in lines[0]
-    assert r.stdout == ""
-    assert not (tmp_path / "nni").exists() and not (tmp_path / "out").exists()  # nothing started
-    assert time.time() - start < 60
+    line = search(tmp_path, str(cfg), "--port", "0")
+    assert line.startswith(f"error: NNI config {str(cfg)!r}: ") and message in line and "lambda" in line
+    assert not (tmp_path / "out").exists()
 
 
-def test_search_port_in_use_is_one_line(tmp_path):
+def test_a_config_nni_cannot_load_leaves_the_next_load_working(tmp_path, in_repo):
+    """NNI 3.0 keeps a global set after a failed ExperimentConfig.load; the next load in the same
+    process (a notebook, this test session) then failed with a bare AssertionError."""
+    (tmp_path / "bad.yml").write_text("trialConcurrency: 1\nbogusField: 2\n")
+    assert "bogusfield" in search(tmp_path, str(tmp_path / "bad.yml"), "--port", "0")
+    assert "--max-trials must be at least 1" in search(tmp_path, "configs/nni/mlp4.yml", "--max-trials", "0")
+    line = search(tmp_path, "configs/nni/mlp4.yml", "--port", "0", "--trial-args", '--lr "0.1')
+    assert line == "error: --trial-args '--lr \"0.1': No closing quotation"
+
+
+def test_search_port_in_use_is_one_line(tmp_path, in_repo):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        r = subprocess.run([PY, "-m", "nsr", "search", "configs/nni/mlp4.yml", "--port", str(port),
-                            "--out", str(tmp_path / "out"), "--experiment-dir", str(tmp_path / "nni")],
-                           cwd=REPO, env=_clean_env(tmp_path), capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0
-    assert r.stderr.strip() == (f"error: port {port} is in use (another NNI experiment?); pick another "
-                                "with --port, or --port 0 for any free one")
+        line = search(tmp_path, "configs/nni/mlp4.yml", "--port", str(port))
+    assert line == (f"error: port {port} is in use (another NNI experiment?); pick another "
+                    "with --port, or --port 0 for any free one")
 
 
-def test_search_without_gpu_refuses_gpu_config(tmp_path):
-    from nsr.search.workarounds import visible_gpu_count
+def test_a_port_left_in_time_wait_is_free_for_the_next_search():
+    """A stopped NNI manager leaves its clients' connections in TIME_WAIT; the next search on that
+    port must not find it busy (the real experiment below starts on such a port)."""
+    port = free_port()
+    _time_wait_on(port)
+    assert _in_time_wait(port), "no TIME_WAIT on the port: the test would not test anything"
+    with socket.socket() as s:  # what the port check did before: the port looked busy
+        with pytest.raises(OSError):
+            s.bind(("127.0.0.1", port))
+    assert launcher.pick_port(port, "127.0.0.1") == port
 
+
+def test_search_without_gpu_refuses_gpu_config(tmp_path, in_repo):
     if visible_gpu_count() not in (0,):
         pytest.skip("a GPU is visible (or NVML is missing): nothing to refuse")
-    r = subprocess.run([PY, "-m", "nsr", "search", "configs/nni/resnet18_cifar10.yml", "--port", "0",
-                        "--gpu-indices", "0",
-                        "--out", str(tmp_path / "out"), "--experiment-dir", str(tmp_path / "nni")],
-                       cwd=REPO, env=_clean_env(tmp_path), capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert "no NVIDIA GPU is visible; add --cpu" in r.stderr
+    line = search(tmp_path, "configs/nni/resnet18_cifar10.yml", "--port", "0", "--gpu-indices", "0")
+    assert "no NVIDIA GPU is visible; add --cpu" in line
 
 
-def test_search_refuses_filelock_that_hangs_nni(tmp_path):
+def test_search_refuses_filelock_that_hangs_nni(tmp_path, in_repo, monkeypatch):
     # NNI 3.0's registry lock never acquires with filelock >= 3.12: nnictl just hangs.
     fake = tmp_path / "site" / "filelock-3.12.0.dist-info"
     fake.mkdir(parents=True)
     (fake / "METADATA").write_text("Metadata-Version: 2.1\nName: filelock\nVersion: 3.12.0\n")
-    env = _clean_env(tmp_path)
-    env["PYTHONPATH"] = str(tmp_path / "site") + os.pathsep + env["PYTHONPATH"]
-    r = subprocess.run([PY, "-m", "nsr", "search", "configs/nni/mlp4.yml", "--port", "0",
-                        "--out", str(tmp_path / "out"), "--experiment-dir", str(tmp_path / "nni")],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0
-    assert r.stderr.startswith("error: filelock 3.12.0 is installed, but NNI 3.0 needs filelock<3.12")
-    assert not (tmp_path / "nni").exists()
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    line = search(tmp_path, "configs/nni/mlp4.yml", "--port", "0")
+    assert line.startswith("error: filelock 3.12.0 is installed, but NNI 3.0 needs filelock<3.12")
 
 
 def test_no_trial_note_names_the_gpu_wait(tmp_path):
-    from nsr.search.workarounds import no_trial_note as _no_trial_note
-
     log = tmp_path / "log" / "nnimanager.log"
     log.parent.mkdir()
     log.write_text("[x] INFO (TrialKeeper) Scheduling failed because the GPU constraint cannot be satisfied\n")
-    note = _no_trial_note(tmp_path, "trialGpuNumber 1, gpuIndices [0], useActiveGpu True")
+    note = no_trial_note(tmp_path, "trialGpuNumber 1, gpuIndices [0], useActiveGpu True")
     assert "waiting for a GPU" in note and "gpuIndices [0]" in note and "--cpu" in note
     log.write_text("")
-    assert str(log) in _no_trial_note(tmp_path, "")
+    assert str(log) in no_trial_note(tmp_path, "")
 
 
 # ------------------------------------------------------------------------------ real experiments
 
+def _time_wait_on(port: int) -> None:
+    """Leave a connection in TIME_WAIT on the listening side of `port`, as a stopped NNI manager
+    does (it closes its clients' connections first)."""
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", port))
+        server.listen()
+        client = socket.create_connection(("127.0.0.1", port))
+        conn, _ = server.accept()
+        conn.close()  # the side that closes first keeps the TIME_WAIT
+        client.close()
+
+
+def _in_time_wait(port: int) -> bool:
+    return any(c.laddr and c.laddr.port == port and c.status == psutil.CONN_TIME_WAIT
+               for c in psutil.net_connections("tcp"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_search_real_experiment_two_trials(tmp_path):
-    """2 TPE trials of fdnn_nsr.py (1 epoch on digits) through NNI: both succeed, best.json is written."""
-    cmd = _search_cmd(tmp_path, "--max-trials", "2", "--trial-args", QUICK)
-    port = int(cmd[cmd.index("--port") + 1])
-    start = time.time()
+    """2 TPE trials of fdnn_nsr.py (1 epoch on digits) through NNI, on a port the previous search
+    left in TIME_WAIT: both succeed, best.json is written, the web UI listened on loopback only."""
+    port = free_port()
+    _time_wait_on(port)
+    assert _in_time_wait(port), "no TIME_WAIT on the port: the test would not test it"
+    cmd = [PY, "-m", "nsr", "search", "configs/nni/mlp4.yml", "--port", str(port), "--out", str(tmp_path / "out"),
+           "--experiment-dir", str(tmp_path / "nni"), "--max-trials", "2", "--trial-args", QUICK]
     proc = subprocess.Popen(cmd, cwd=REPO, env=_clean_env(tmp_path), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     listen_ips = set()
-    while proc.poll() is None and time.time() - start < 180:
-        try:
-            listen_ips |= {c.laddr.ip for c in psutil.net_connections("tcp")
-                           if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port}
-        except psutil.Error:
-            pass
-        time.sleep(0.5)
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    elapsed = time.time() - start
+    try:
+        while proc.poll() is None:  # until the search ends; the test's timeout bounds it
+            try:
+                listen_ips |= {c.laddr.ip for c in psutil.net_connections("tcp")
+                               if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port}
+            except psutil.Error:
+                pass
+            time.sleep(0.5)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, out + err
-    assert elapsed < 180, f"took {elapsed:.0f} s"
     assert listen_ips == {"127.0.0.1"}, f"web UI listened on {listen_ips}"
+    assert f"web UI: http://127.0.0.1:{port}" in out
 
     trials = json.loads((tmp_path / "out" / "trials.json").read_text())
     assert trials["status"] == "DONE"
@@ -364,6 +401,8 @@ def test_search_real_experiment_two_trials(tmp_path):
     assert not real_home.exists()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_search_reports_failed_trial(tmp_path):
     cmd = _search_cmd(tmp_path, "--max-trials", "1", "--trial-args", QUICK + " --lr -1")
     r = subprocess.run(cmd, cwd=REPO, env=_clean_env(tmp_path), capture_output=True, text=True,
@@ -380,20 +419,21 @@ def test_search_reports_failed_trial(tmp_path):
     _assert_no_leftovers(tmp_path, trials["experiment_id"])
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_search_ctrl_c_stops_manager_and_trial(tmp_path):
     cmd = _search_cmd(tmp_path, "--max-trials", "3", "--trial-args", "--dataset digits --epochs 100000")
     proc = subprocess.Popen(cmd, cwd=REPO, env=_clean_env(tmp_path), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 120
+        deadline = time.monotonic() + 120
         trial_running = False
-        while time.time() < deadline and proc.poll() is None and not trial_running:
+        while time.monotonic() < deadline and proc.poll() is None and not trial_running:
             trial_running = any("fdnn_nsr.py" in " ".join(p.info["cmdline"] or [])
                                 and str(tmp_path / "nni") in " ".join(p.info["cmdline"] or [])
                                 for p in psutil.process_iter(["cmdline"]))
             time.sleep(0.5)
         assert trial_running, "no trial started"
-        time.sleep(1)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=90)
     finally:
@@ -427,6 +467,8 @@ class BrokenInit(BrokenSpace):  # dies while the dispatcher starts
 """
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # instead of maxExperimentDuration (48 h)
 @pytest.mark.parametrize("tuner, message", [
     ("BrokenSpace", "RuntimeError: this tuner cannot use lambda"),
     ("BrokenInit", "RuntimeError: tuner constructor failed"),
@@ -436,61 +478,23 @@ def test_search_dead_tuner_ends_the_search_in_one_line(tmp_path, tuner, message)
     code.mkdir()
     (code / "broken_tuner.py").write_text(_BROKEN_TUNER)
     cfg = _config_with(tmp_path, tuner={"codeDirectory": str(code), "className": f"broken_tuner.{tuner}"})
-    start = time.time()
-    r = subprocess.run([PY, "-m", "nsr", "search", str(cfg), "--port", str(_free_port()), "--poll", "1",
+    r = subprocess.run([PY, "-m", "nsr", "search", str(cfg), "--port", str(free_port()), "--poll", "1",
                         "--out", str(tmp_path / "out"), "--experiment-dir", str(tmp_path / "nni"),
                         "--trial-args", QUICK],
                        cwd=REPO, env=_clean_env(tmp_path), capture_output=True, text=True, timeout=180)
-    elapsed = time.time() - start
     assert r.returncode == 2, r.stdout + r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
     assert lines[0].startswith("error: NNI's tuner stopped: " + message), r.stderr
     assert lines[0].endswith("dispatcher.log)")
-    assert elapsed < 60, f"took {elapsed:.0f} s"
     trials = json.loads((tmp_path / "out" / "trials.json").read_text())
     assert trials["status"] == "ERROR" and trials["trials"] == []
     assert not (tmp_path / "out" / "best.json").exists()
     _assert_no_leftovers(tmp_path, trials["experiment_id"])
 
 
-def _time_wait_on(port: int) -> None:
-    """Leave a connection in TIME_WAIT on the listening side of `port`, as a stopped NNI manager
-    does (it closes its clients' connections first)."""
-    with socket.socket() as server:
-        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        server.bind(("127.0.0.1", port))
-        server.listen()
-        client = socket.create_connection(("127.0.0.1", port))
-        conn, _ = server.accept()
-        conn.close()  # the side that closes first keeps the TIME_WAIT
-        client.close()
-
-
-def test_two_searches_in_a_row_on_the_same_port(tmp_path):
-    port = _free_port()
-    for run in ("first", "second"):
-        if run == "second":
-            _time_wait_on(port)
-            waiting = [c for c in psutil.net_connections("tcp")
-                       if c.laddr and c.laddr.port == port and c.status == psutil.CONN_TIME_WAIT]
-            assert waiting, "no TIME_WAIT on the port: the test would not test anything"
-            with socket.socket() as s:  # what the port check did before: the port looked busy
-                with pytest.raises(OSError):
-                    s.bind(("127.0.0.1", port))
-        out = tmp_path / run
-        r = subprocess.run([PY, "-m", "nsr", "search", "configs/nni/mlp4.yml", "--port", str(port),
-                            "--max-trials", "1", "--trial-args", QUICK, "--out", str(out),
-                            "--experiment-dir", str(tmp_path / "nni")],
-                           cwd=REPO, env=_clean_env(tmp_path), capture_output=True, text=True,
-                           timeout=300)
-        assert r.returncode == 0, f"{run} search: {r.stdout}{r.stderr}"
-        assert f"web UI: http://127.0.0.1:{port}" in r.stdout
-        best = json.loads((out / "best.json").read_text())
-        assert best["complete"] is True and 0 <= best["best_val_acc"] <= 100
-        _assert_no_leftovers(tmp_path, best["experiment_id"])
-
-
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_search_killed_with_sigkill_takes_manager_and_trial_along(tmp_path):
     cmd = _search_cmd(tmp_path, "--max-trials", "3", "--trial-args", "--dataset digits --epochs 100000")
     proc = subprocess.Popen(cmd, cwd=REPO, env=_clean_env(tmp_path), stdout=subprocess.PIPE,
@@ -498,9 +502,9 @@ def test_search_killed_with_sigkill_takes_manager_and_trial_along(tmp_path):
     manager_group = None
     try:
         exp_id = proc.stdout.readline().split()[1].rstrip(":")  # "experiment ID: ..."
-        deadline = time.time() + 120
+        deadline = time.monotonic() + 120
         trial = None
-        while time.time() < deadline and proc.poll() is None and trial is None:
+        while time.monotonic() < deadline and proc.poll() is None and trial is None:
             for p in psutil.process_iter(["cmdline"]):
                 cmd_line = " ".join(p.info["cmdline"] or [])
                 if "fdnn_nsr.py" in cmd_line and str(tmp_path / "nni") in cmd_line:
@@ -511,11 +515,11 @@ def test_search_killed_with_sigkill_takes_manager_and_trial_along(tmp_path):
         assert len(_group_alive(manager_group)) >= 3  # manager, tuner (sh + python), trial
         proc.kill()
         proc.wait(timeout=10)
-        killed = time.time()
-        while time.time() - killed < 30 and (_group_alive(manager_group) or _leftovers(exp_id)):
+        killed = time.monotonic()  # the watchdog notices within a second, then SIGTERM, SIGKILL after 10 s
+        while time.monotonic() - killed < 60 and (_group_alive(manager_group) or _leftovers(exp_id)):
             time.sleep(0.5)
         left = _group_alive(manager_group) + _leftovers(exp_id) + _leftovers(str(tmp_path / "nni"))
-        assert not left, "still running 30 s after kill -9:\n" + "\n".join(left)
+        assert not left, "still running 60 s after kill -9:\n" + "\n".join(left)
     finally:
         if proc.poll() is None:
             proc.kill()

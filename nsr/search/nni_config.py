@@ -47,6 +47,7 @@ def load_config(path: str, args: argparse.Namespace):
         # load() resolves relative paths (trialCodeDirectory) against the YAML file's folder.
         config = ExperimentConfig.load(str(p))
     except Exception as e:  # NNI raises assorted types for unknown or mistyped fields
+        nw.forget_config_base_path()
         raise UserError(f"NNI config {path!r}: {one_line(e)}") from None
 
     if args.max_trials is not None:

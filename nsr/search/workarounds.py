@@ -58,6 +58,15 @@ def require_filelock_below_3_12() -> None:
                         "newer one it hangs while starting); run: pip install 'filelock<3.12'")
 
 
+def forget_config_base_path() -> None:
+    """NNI 3.0: ExperimentConfig.load() sets a module-global base path for relative paths and
+    unsets it only when the config is built; after a file with an unknown field, every later load
+    in the same process fails with a bare AssertionError. Call it after a failed load."""
+    from nni.experiment.config.utils import unset_base_path
+
+    unset_base_path()
+
+
 # Node.js preload for the NNI manager: a server started with only a port listens on HOST.
 _LOOPBACK_JS = r"""'use strict';
 // Written by python -m nsr search: NNI 3.0 listens on every interface and has no option to change it.

@@ -1,0 +1,164 @@
+"""What several test files share: paths, one free port, one script runner (in a subprocess or
+in-process), the check of the one-line error convention, folder fingerprints, and signals sent
+at a chosen point of a run.
+
+run_in_process goes through the entry points the commands use: a training script's file itself
+(runpy, as `python fdnn_nsr.py` runs it) or `python -m nsr <command>`'s dispatcher, each ending in
+nsr.train.errors.run_cli, so the exit code and the `error:` line are the real ones; only the
+start of a process (torch's import) is saved. One subprocess test per script and command (marked
+slow) proves the process's own exit code and that no traceback leaks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import runpy
+import signal
+import socket
+import subprocess
+import sys
+import warnings
+from dataclasses import dataclass
+
+from nsr.__main__ import main as nsr_main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MLP4 = os.path.join(ROOT, "configs", "mlp4.yaml")  # fdnn_nsr.py's and fdnn_vanilla.py's default config
+TIMES = {"epoch_time_s", "train_time_s"}          # what differs between two runs of the same steps
+# The digits run the engine's tests share (conftest.py's digits_reference): fdnn_nsr.py (MLP-4 +
+# NSR) on scikit-learn's digits, with momentum so that a resume must restore the optimizer too.
+DIGITS = ["--dataset", "digits", "--batch-size", "32", "--lr", "0.05", "--momentum", "0.9", "--quiet"]
+DIGITS_EPOCHS = 4
+STEPS_PER_EPOCH = 36  # 1,437 images - 287 held out = 1,150 to train on; batch 32, the last single one dropped
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------- running the entry points
+
+def run_script(script: str, *args: str, timeout: float = 300, env: dict | None = None, check: bool = True,
+               cwd: str = ROOT) -> subprocess.CompletedProcess:
+    """One of the repository's scripts ("fdnn_nsr.py", "tests/signal_at.py") or commands ("-m nsr
+    demo") in a subprocess, with this checkout first on PYTHONPATH; `env` adds to the environment."""
+    cmd = [sys.executable, *(script.split() if script.startswith("-m ") else [os.path.join(ROOT, script)]), *args]
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": ROOT, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@dataclass
+class Result:
+    code: int  # the exit code the process would have had
+    out: str
+    err: str
+
+
+def run_in_process(script: str, *args: str) -> Result:
+    """run_script's twin in this process: "fdnn_nsr.py" runs that file as __main__ (runpy); "-m nsr
+    report" goes through nsr/__main__.py's dispatcher, as `python -m nsr report` does. stdout and
+    stderr are captured; sys.argv and the handlers of SIGINT, SIGTERM and SIGHUP (python -m nsr
+    search sets them) are put back afterwards."""
+    if script.startswith("-m "):
+        module, name = script.split()[1:]
+        assert module == "nsr", script
+        argv = ["-m", "nsr", name, *args]
+
+        def entry():
+            with warnings.catch_warnings():
+                # runpy's note that pytest imported the command's module already; `python -m` has not
+                warnings.filterwarnings("ignore", r"'nsr\..*' found in sys.modules", RuntimeWarning)
+                nsr_main([name, *args])
+    else:
+        path = os.path.join(ROOT, script)
+        argv = [path, *args]
+
+        def entry():
+            runpy.run_path(path, run_name="__main__")
+    signals = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+    handlers = {s: signal.getsignal(s) for s in signals}
+    saved_argv, sys.argv = sys.argv, argv
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            entry()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = saved_argv
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    return Result(code, out.getvalue(), err.getvalue())
+
+
+def assert_one_error_line(stderr: str, *fragments: str) -> str:
+    """The error convention: exactly one line on stderr, `error: ...`, holding every fragment."""
+    assert "Traceback" not in stderr, stderr
+    lines = stderr.strip("\n").splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def assert_error(result: Result, *fragments: str) -> str:
+    """Exit code 2 and the one `error:` line holding every fragment; returns the line."""
+    assert result.code == 2, (result.code, result.out, result.err)
+    return assert_one_error_line(result.err, *fragments)
+
+
+# ---------------------------------------------------------------------------------- files and results
+
+def fingerprint(folder) -> dict:
+    """Bytes and mtime of every file under `folder`: proof that nothing was touched."""
+    result = {}
+    for parent, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(parent, name)
+            with open(path, "rb") as f:
+                result[os.path.relpath(path, folder)] = (f.read(), os.stat(path).st_mtime_ns)
+    return result
+
+
+def without_times(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMES} for row in history]
+
+
+def outcome(m: dict) -> dict:
+    """What a resumed run must reproduce exactly: its history without timings, best epoch, accuracies."""
+    return {"history": without_times(m["history"]), "best_epoch": m["best_epoch"],
+            "best_val_acc": m["best_val_acc"], "test_acc": m["test_acc"], "global_steps": m["global_steps"]}
+
+
+# ---------------------------------------------------------------------------------- signals at a chosen point
+
+def step_then_signal(train_step, at: int, sig: int = signal.SIGINT):
+    """A Trainer.train_step that sends `sig` to this process right after global step `at` (1-based,
+    counted over the whole run, a resumed one included): the signal meets the real handler at the
+    same point on any machine, however fast or loaded."""
+    def wrapped(self, xb, yb):
+        train_step(self, xb, yb)
+        if self.pos.global_step + 1 == at:  # the engine advances the position after the step
+            os.kill(os.getpid(), sig)
+    return wrapped
+
+
+def save_then_signal(save, epoch: int, sig: int = signal.SIGKILL):
+    """A torch.save that sends `sig` to this process once the last.pt of the end of `epoch`
+    (1-based) is complete in its temporary file, before the rename that would publish it: a kill
+    at the worst moment of a checkpoint write."""
+    def wrapped(obj, f, *args, **kwargs):
+        save(obj, f, *args, **kwargs)
+        name = os.path.basename(os.fspath(f)) if isinstance(f, (str, os.PathLike)) else ""
+        position = obj.get("position") if isinstance(obj, dict) else None
+        if name.startswith("last.pt.tmp.") and position and (position["epoch"], position["step"]) == (epoch, 0):
+            os.kill(os.getpid(), sig)
+    return wrapped
