@@ -157,7 +157,8 @@ def save_then_signal(save, epoch: int, sig: int = signal.SIGKILL):
     at the worst moment of a checkpoint write."""
     def wrapped(obj, f, *args, **kwargs):
         save(obj, f, *args, **kwargs)
-        name = os.path.basename(os.fspath(f)) if isinstance(f, (str, os.PathLike)) else ""
+        target = getattr(f, "name", f)  # a path, or the open temporary file save_checkpoint passes
+        name = os.path.basename(os.fspath(target)) if isinstance(target, (str, os.PathLike)) else ""
         position = obj.get("position") if isinstance(obj, dict) else None
         if name.startswith("last.pt.tmp.") and position and (position["epoch"], position["step"]) == (epoch, 0):
             os.kill(os.getpid(), sig)

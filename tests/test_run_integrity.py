@@ -40,7 +40,7 @@ from nsr.train.engine import main, train
 from nsr.train.errors import UserError
 from nsr.train.fileio import write_json
 from nsr.train.outdir import LOCK_NAME, RUN_FILES, OutputFolder
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 MLP4 = os.path.join(ROOT, "configs", "mlp4.yaml")  # fdnn_nsr.py's default config
 VANILLA_SCRIPT = os.path.join(ROOT, "fdnn_vanilla.py")
