@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import socket
 from collections import OrderedDict
 
 import pytest
@@ -14,6 +13,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from nsr.center_loss import CenterLoss
+from tests.helpers import free_port
 
 C, BATCH = 5, 8
 LAMS = {"flatten": 0.3, "fc": 2.0}
@@ -292,9 +292,7 @@ def test_two_gloo_ranks_update_centres_from_the_whole_batch():
             _, ref[name] = naive_center_loss(outputs[name], y.tolist(), ref[name], 0.4)
         want.append(copy.deepcopy(ref))
 
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=ddp_worker, args=(rank, 2, port, queue), daemon=True) for rank in range(2)]

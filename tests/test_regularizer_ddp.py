@@ -8,7 +8,6 @@ means of the whole batch, and the mean of the two ranks' losses must equal the o
 from __future__ import annotations
 
 import gc
-import socket
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from torch import nn
 
 from nsr import NeuronSteadiness
 from nsr.layer_outputs import distributed
+from tests.helpers import free_port
 
 C, K, STEPS, BATCH = 4, 2, 4, 12
 LAMS = {"out": 0.5, "hidden": 2.0}
@@ -79,12 +79,6 @@ def worker(rank, world, port, queue):
 # A DDP wrapper holds its process group. Destroyed while still held, the group is torn down at
 # interpreter exit instead, where gloo's threads can abort the process ("terminate called without
 # an active exception", exit code -6) in about 1 run of 25; so the workers free DDP first.
-
-
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow  # two spawned processes

@@ -40,7 +40,7 @@ from nsr.train.engine import main, train
 from nsr.train.errors import UserError
 from nsr.train.fileio import write_json
 from nsr.train.outdir import LOCK_NAME, RUN_FILES, OutputFolder
-from tests.helpers import ROOT
+from tests.helpers import ROOT, assert_one_error_line, free_port
 
 MLP4 = os.path.join(ROOT, "configs", "mlp4.yaml")  # fdnn_nsr.py's default config
 VANILLA_SCRIPT = os.path.join(ROOT, "fdnn_vanilla.py")
@@ -71,15 +71,6 @@ def run_vanilla_script(capsys, monkeypatch, argv) -> tuple[int, str]:
     except SystemExit as e:
         code = e.code
     return code, capsys.readouterr().err
-
-
-def one_error_line(stderr: str, *fragments: str) -> str:
-    assert "Traceback" not in stderr, stderr
-    lines = stderr.strip("\n").splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
 
 
 def fingerprint(folder) -> dict:
@@ -140,7 +131,7 @@ def test_a_second_run_on_a_folder_in_use_is_refused_naming_the_holder(tmp_path, 
     assert run_main(capsys, [*FAST, "--epochs", "2", "--out", out])[0] == 0
     code, err = second["result"]
     assert code == 2
-    one_error_line(err, f"error: {out} is in use by another run (pid {os.getpid()} on {socket.gethostname()}, "
+    assert_one_error_line(err, f"error: {out} is in use by another run (pid {os.getpid()} on {socket.gethostname()}, "
                    "started ", "); wait for it to end, or choose another --out")
     assert LOCK_NAME in second["listing"], "the lock lives in OUT while the run does"
     assert sorted(os.listdir(out)) == sorted(RUN_FILES), "released (and removed) at the end"
@@ -197,7 +188,7 @@ def test_a_lock_name_taken_by_something_else_is_never_followed(tmp_path, capsys,
         (out / LOCK_NAME).mkdir()
     code, err = run_main(capsys, [*FAST, "--max-steps", "2", "--out", str(out)])
     assert code == 2
-    one_error_line(err, f"{out / LOCK_NAME} is {'a link' if kind == 'link' else 'not a file'}, not the lock file a "
+    assert_one_error_line(err, f"{out / LOCK_NAME} is {'a link' if kind == 'link' else 'not a file'}, not the lock file a "
                    "run makes; remove it, or choose another --out")
     assert victim.read_text() == "precious\n" and sorted(os.listdir(out)) == [LOCK_NAME]
 
@@ -224,7 +215,7 @@ def test_two_scripts_on_one_folder_one_owner_then_sigterm_saves_it(tmp_path):
         second = subprocess.run([*script, "--lr", "0.5"], cwd=ROOT, text=True, capture_output=True, timeout=180,
                                 check=False)
         assert second.returncode == 2
-        one_error_line(second.stderr, f"{out} is in use by another run (pid {first.pid} on ")
+        assert_one_error_line(second.stderr, f"{out} is in use by another run (pid {first.pid} on ")
         assert first.poll() is None, "the second run did not disturb the first"
         first.send_signal(signal.SIGTERM)
         _, stderr = first.communicate(timeout=120)
@@ -260,12 +251,6 @@ def _rank(rank: int, port: int, out: str, dump: str, extra: list[str]) -> None:
             dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_torchrun_ranks_follow_rank_0s_lock_and_a_resume_keeps_the_process_count(tmp_path, capsys):
     """Rank 0 holds the lock for all ranks; when it cannot, every rank ends (none waits forever in
@@ -275,7 +260,7 @@ def test_torchrun_ranks_follow_rank_0s_lock_and_a_resume_keeps_the_process_count
     holder = OutputFolder(out)
     holder.acquire()  # another run owns the folder
     try:
-        mp.spawn(_rank, args=(_free_port(), out, dump, ["--max-steps", "2"]), nprocs=2, join=True)
+        mp.spawn(_rank, args=(free_port(), out, dump, ["--max-steps", "2"]), nprocs=2, join=True)
     finally:
         holder.release()
     errors = [read(os.path.join(dump, f"rank{r}.error")) for r in (0, 1)]
@@ -283,19 +268,19 @@ def test_torchrun_ranks_follow_rank_0s_lock_and_a_resume_keeps_the_process_count
     assert errors[1] == f"rank 1: rank 0 could not take the output folder {out}"
     assert not os.path.exists(out), "nothing was written"
 
-    mp.spawn(_rank, args=(_free_port(), out, dump, ["--max-steps", "2"]), nprocs=2, join=True)
+    mp.spawn(_rank, args=(free_port(), out, dump, ["--max-steps", "2"]), nprocs=2, join=True)
     assert strict_json(os.path.join(out, "metrics.json"))["world_size"] == 2
     assert LOCK_NAME not in os.listdir(out)
     before = fingerprint(out)
     code, err = run_main(capsys, [*FAST, "--max-steps", "4", "--out", out, "--resume"])
     assert code == 2
-    one_error_line(err, f"cannot resume {out}/last.pt: it was trained by 2 processes (torchrun) and this run "
+    assert_one_error_line(err, f"cannot resume {out}/last.pt: it was trained by 2 processes (torchrun) and this run "
                    "has 1 process; resume it with the same count (torchrun --nproc_per_node=2 SCRIPT ... --resume)")
     assert fingerprint(out) == before
 
     single = str(tmp_path / "single")
     train(parse_args([*FAST, "--max-steps", "2", "--out", single], default_config=MLP4))
-    mp.spawn(_rank, args=(_free_port(), single, dump, ["--max-steps", "4", "--resume"]), nprocs=2, join=True)
+    mp.spawn(_rank, args=(free_port(), single, dump, ["--max-steps", "4", "--resume"]), nprocs=2, join=True)
     for r in (0, 1):
         assert read(os.path.join(dump, f"rank{r}.error")).startswith(
             f"cannot resume {single}/last.pt: it was trained by 1 process and this run has 2 processes (torchrun)")
@@ -318,7 +303,7 @@ def test_resume_to_more_epochs_is_a_straight_run_or_refused_with_the_reason(tmp_
     code, err = run_main(capsys, [*args, "--epochs", "4", "--out", str(tmp_path / "b"), "--resume"])
     if schedule == "cosine":
         assert code == 2
-        one_error_line(err, f"cannot resume {tmp_path / 'b' / 'last.pt'} with --epochs 4: its cosine schedule "
+        assert_one_error_line(err, f"cannot resume {tmp_path / 'b' / 'last.pt'} with --epochs 4: its cosine schedule "
                        "follows the run's length, and the saved run (--epochs 2) trained epoch 2 at lr 0.025 where "
                        "a 4-epoch run uses 0.0426777; resume with --epochs 2, or train 4 epochs from the start")
         assert fingerprint(tmp_path / "b") == before
@@ -374,7 +359,7 @@ def test_resume_with_another_process_count_is_refused(mid_epoch, tmp_path, capsy
     before = fingerprint(out)
     code, err = run_main(capsys, [*FAST, "--epochs", "3", "--out", out, "--resume"])
     assert code == 2
-    one_error_line(err, "it was trained by 2 processes (torchrun) and this run has 1 process")
+    assert_one_error_line(err, "it was trained by 2 processes (torchrun) and this run has 1 process")
     assert fingerprint(out) == before
 
 
@@ -443,7 +428,7 @@ def test_a_max_steps_stop_is_not_finished_and_a_plain_rerun_points_to_resume(tmp
     before = fingerprint(out)
     code, err = run_main(capsys, [*FAST, "--epochs", "3", "--out", out])
     assert code == 2
-    line = one_error_line(err, f"{out} holds a run stopped by --max-steps after {steps} steps; continue it with "
+    line = assert_one_error_line(err, f"{out} holds a run stopped by --max-steps after {steps} steps; continue it with "
                           "--resume (and a larger --max-steps, or none)")
     assert "--overwrite" not in line
     assert fingerprint(out) == before
@@ -461,7 +446,7 @@ def test_results_without_their_checkpoint_are_not_overwritten_in_silence(mid_epo
     before = fingerprint(out)
     code, err = run_main(capsys, [*FAST, "--epochs", "3", "--out", out])
     assert code == 2
-    one_error_line(err, f"{out} holds files of an earlier run (metrics.json, history.csv, best.pt) but no last.pt "
+    assert_one_error_line(err, f"{out} holds files of an earlier run (metrics.json, history.csv, best.pt) but no last.pt "
                    "to continue from; pass --overwrite to start again")
     assert fingerprint(out) == before
 
@@ -489,7 +474,7 @@ def test_contradicting_or_repeated_inputs_are_refused(tmp_path, capsys, case):
     argv, fragments = cases[case]
     code, err = run_main(capsys, [*FAST, "--max-steps", "2", *argv, "--out", str(tmp_path / "out")])
     assert code == 2
-    one_error_line(err, *fragments)
+    assert_one_error_line(err, *fragments)
     assert not (tmp_path / "out").exists()
 
 
@@ -527,7 +512,7 @@ def test_the_vanilla_script_refuses_a_regularizer_and_its_settings(tmp_path, cap
     out = tmp_path / "out"
     code, err = run_vanilla_script(capsys, monkeypatch, [*RUN, "--max-steps", "2", *argv, "--out", str(out)])
     assert code == 2
-    one_error_line(err, fragment)
+    assert_one_error_line(err, fragment)
     assert not out.exists()
 
 
@@ -547,7 +532,7 @@ def test_the_vanilla_script_refuses_a_regularizer_and_its_settings(tmp_path, cap
 def test_flags_the_run_would_not_read_are_refused(tmp_path, capsys, argv, fragment):
     code, err = run_main(capsys, [*RUN, "--max-steps", "2", *argv, "--out", str(tmp_path / "out")])
     assert code == 2
-    one_error_line(err, fragment)
+    assert_one_error_line(err, fragment)
     assert not (tmp_path / "out").exists()
 
 
@@ -607,7 +592,7 @@ def test_a_file_that_is_not_a_checkpoint_is_one_line(mid_epoch, tmp_path, capsys
     before = fingerprint(out)
     code, err = run_main(capsys, [*FAST, "--epochs", "3", "--out", out, "--resume"])
     assert code == 2
-    one_error_line(err, f"checkpoint {last} is truncated or not a PyTorch checkpoint (",
+    assert_one_error_line(err, f"checkpoint {last} is truncated or not a PyTorch checkpoint (",
                    "); delete it or restore it from a backup")
     assert fingerprint(out) == before
 
@@ -675,7 +660,7 @@ def test_checkpoint_contents_are_checked_before_anything_is_used(mid_epoch, tmp_
     before = fingerprint(out)
     code, err = run_main(capsys, [*FAST, "--epochs", "3", "--out", out, "--resume"])
     assert code == 2
-    one_error_line(err, f"checkpoint {last} does not fit this run (", fragment)
+    assert_one_error_line(err, f"checkpoint {last} does not fit this run (", fragment)
     assert fingerprint(out) == before
 
 
@@ -704,7 +689,7 @@ def test_adam_counters_and_hyperparameters_are_checked(tmp_path, capsys, case, m
     capsys.readouterr()
     code, err = run_main(capsys, [*ADAM, "--max-steps", "60", "--out", out, "--resume"])
     assert code == 2
-    one_error_line(err, f"checkpoint {last} does not fit this run (", fragment)
+    assert_one_error_line(err, f"checkpoint {last} does not fit this run (", fragment)
 
 
 def test_resuming_a_finished_run_reports_its_checkpoint_not_an_edited_metrics_json(tmp_path, capsys):
@@ -725,7 +710,7 @@ def test_a_run_file_that_is_a_folder_is_refused(tmp_path, capsys):
     (out / "last.pt").mkdir(parents=True)
     code, err = run_main(capsys, [*FAST, "--max-steps", "2", "--out", str(out), "--resume"])
     assert code == 2
-    one_error_line(err, f"{out / 'last.pt'} is not a regular file (a folder, a link, a pipe, ...); move it away")
+    assert_one_error_line(err, f"{out / 'last.pt'} is not a regular file (a folder, a link, a pipe, ...); move it away")
 
 
 # ---------------------------------------------------------------------------------- 4. the machine
@@ -799,7 +784,7 @@ def test_a_failed_write_is_one_line_and_the_run_resumes_from_the_intact_checkpoi
     code, err = run_main(capsys, [*FAST, "--epochs", "3", "--out", out])
     monkeypatch.undo()
     assert code == 2
-    one_error_line(err, f"error: cannot write {target}: {cause}; the {name} there before is unchanged; ",
+    assert_one_error_line(err, f"error: cannot write {target}: {cause}; the {name} there before is unchanged; ",
                    f"; {out}/last.pt (end of epoch {kept_epoch}) is intact: continue with --resume once it can write")
     assert not [n for n in os.listdir(out) if ".tmp." in n], "no temporary is left"
     assert load_checkpoint(os.path.join(out, "last.pt"))["position"]["epoch"] == kept_epoch
@@ -826,5 +811,5 @@ def test_a_device_this_torch_cannot_use_is_refused_at_validation(tmp_path, capsy
         parse_args([*FAST, "--device", device])  # before any output folder or data exists
     code, err = run_main(capsys, [*FAST, "--max-steps", "2", "--device", device, "--out", str(tmp_path / "out")])
     assert code == 2
-    one_error_line(err, fragment)
+    assert_one_error_line(err, fragment)
     assert not (tmp_path / "out").exists()
