@@ -160,10 +160,10 @@ def test_train_time_counts_training_steps_only(tmp_path, monkeypatch):
         step(self, xb, yb)
         now[0] += 1.0
 
-    def timed_evaluate(trainer, batches):
+    def timed_evaluate(trainer, batches, *probe):
         now[0] += 100.0
         evaluations[0] += 1
-        return evaluate(trainer, batches)
+        return evaluate(trainer, batches, *probe)
 
     monkeypatch.setattr(engine.Trainer, "train_step", timed_step)
     monkeypatch.setattr(engine, "evaluate", timed_evaluate)

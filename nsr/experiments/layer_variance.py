@@ -1,4 +1,5 @@
-"""Neuron intra-class response variance, layer by layer: the measurement behind python -m nsr analyze.
+"""Neuron intra-class response variance, layer by layer: the measurement behind python -m nsr analyze
+(the figure itself, ClassMoments, is nsr/train/steadiness.py's, shared with the live curve of training).
 
 Each candidate layer's output is flattened to B x D neurons (N x C x H x W outputs: one neuron per
 channel, the spatial mean as its response). Over all samples, per neuron j:
@@ -18,6 +19,8 @@ from typing import Iterable
 import numpy as np
 import torch
 from torch import nn
+
+from nsr.train.steadiness import ClassMoments, responses
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid,
                nn.Softplus, nn.Hardswish, nn.Mish)
@@ -45,61 +48,6 @@ def candidate_layers(model: nn.Module) -> list[str]:
         elif composite and len(parts) == 2 and parts[0] in top_sequential:
             names.append(name)  # a block inside a stage
     return names
-
-
-def responses(output: torch.Tensor) -> torch.Tensor:
-    """B x D float64 neuron responses: 4-D (and 3-D/5-D) outputs become per-channel spatial means."""
-    if isinstance(output, (tuple, list)):
-        output = output[0]
-    out = output.detach()
-    if out.dim() > 2:
-        out = out.flatten(2).mean(dim=2)
-    elif out.dim() == 1:
-        out = out[:, None]
-    return out.to(torch.float64).clone()
-
-
-class ClassMoments:
-    """Per-class count, mean and sum of squared deviations (M2) of B x D responses, merged
-    batch by batch with Chan et al.'s parallel update (stable in float64)."""
-
-    def __init__(self, num_classes: int):
-        self.num_classes = num_classes
-        self.count = self.mean = self.m2 = None
-
-    def update(self, z: torch.Tensor, y: torch.Tensor) -> None:
-        C = self.num_classes
-        z = z.to(torch.float64)
-        y = y.to(device=z.device, dtype=torch.long)
-        n_b = torch.zeros(C, dtype=torch.float64, device=z.device).index_add_(
-            0, y, torch.ones_like(y, dtype=torch.float64))
-        sums = torch.zeros(C, z.shape[1], dtype=torch.float64, device=z.device).index_add_(0, y, z)
-        mean_b = sums / n_b.clamp_min(1)[:, None]
-        dev = z - mean_b.index_select(0, y)
-        m2_b = torch.zeros_like(sums).index_add_(0, y, dev * dev)
-        if self.count is None:
-            self.count, self.mean, self.m2 = n_b, mean_b, m2_b
-            return
-        if self.mean.shape[1] != z.shape[1]:
-            raise ValueError(f"layer output changed from {self.mean.shape[1]} to {z.shape[1]} neurons")
-        n_a = self.count
-        n = n_a + n_b
-        delta = mean_b - self.mean
-        safe = n.clamp_min(1)[:, None]
-        self.mean = self.mean + delta * (n_b[:, None] / safe)
-        self.m2 = self.m2 + m2_b + delta * delta * (n_a * n_b)[:, None] / safe
-        self.count = n
-
-    def result(self) -> dict:
-        """Per-neuron intra-class and total variance (numpy float64 arrays of length D)."""
-        if self.count is None:
-            raise ValueError("no samples were seen")
-        N = float(self.count.sum())
-        intra = self.m2.sum(dim=0) / N
-        grand = (self.count[:, None] * self.mean).sum(dim=0) / N
-        between = (self.count[:, None] * (self.mean - grand) ** 2).sum(dim=0) / N
-        return {"intra": intra.cpu().numpy(), "total": (intra + between).cpu().numpy(),
-                "num_samples": int(N), "class_counts": self.count.cpu().numpy().astype(int).tolist()}
 
 
 @torch.no_grad()

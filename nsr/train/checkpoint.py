@@ -31,7 +31,7 @@ VERSION = 2
 # Settings that may differ between a run and its resumption; any other change is refused. A
 # changed --epochs is refused too when the schedule depends on it (cosine), see _check_schedule.
 RESUMABLE_CHANGES = {"epochs", "max_steps", "out", "device", "workers", "quiet", "resume",
-                     "overwrite", "data_dir", "eval_batch_size"}
+                     "overwrite", "data_dir", "eval_batch_size", "tensorboard"}
 
 
 def save_checkpoint(state: dict, path: str) -> None:

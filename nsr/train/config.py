@@ -69,6 +69,7 @@ class Config:
     threads: int = 0                    # CPU threads; 0: 1 for MLPs (small matmuls), torch's default else
     fake_size: int = 512                # training samples of the `fake` data set
     max_steps: int | None = None        # stop after this many optimizer steps (smoke tests)
+    tensorboard: bool = True           # TensorBoard event files in OUT/tb/ (needs the tensorboard package)
     resume: bool = False
     overwrite: bool = False
     quiet: bool = False
@@ -104,6 +105,7 @@ HELP = {
     "dropout": "dropout rate in [0, 1) after each hidden activation (MLPs only)",
     "queue_batches": "K: recent batches that estimate the class means",
     "max_steps": "stop after N optimizer steps (smoke tests)",
+    "tensorboard": "write TensorBoard event files into OUT/tb/ while training (--no-tensorboard: off)",
     "resume": "continue from OUT/last.pt",
     "overwrite": "replace a finished run in OUT",
     "quiet": "no progress bars",

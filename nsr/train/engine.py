@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import time
 
 import torch
@@ -42,12 +43,14 @@ from .config import Config, parse_args, to_dict
 from .console import epoch_line, print_summary, progress
 from .data import load_data
 from .errors import RunInterrupted, UserError, run_cli
+from .evaluation import SteadinessProbe, evaluate, watched_layers
 from .fileio import WriteError
 from .meters import EpochMeter, Position
 from .outdir import OutputFolder, default_out
 from .stopping import StopRequest
+from .tblog import TensorBoardLog
 
-__all__ = ["Runtime", "RunHooks", "Trainer", "train", "main"]
+__all__ = ["Runtime", "RunHooks", "Trainer", "evaluate", "train", "main"]
 
 
 class RunHooks:
@@ -62,6 +65,10 @@ class RunHooks:
 
     def run_end(self, metrics: dict) -> None:
         """Called on the main process with the final metrics of a run that trained to its end."""
+
+    def tensorboard_dir(self, out: str) -> str:
+        """Where the run's TensorBoard event files go."""
+        return os.path.join(out, "tb")
 
 
 class TrainingDiverged(UserError):
@@ -101,6 +108,9 @@ class Trainer:
         self.amp_dtype = amp_dtype(cfg, rt.device)
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=self.amp_dtype == torch.float16)
         self.pos, self.meter = Position(), EpochMeter(rt.device)
+        self.probe = SteadinessProbe(self.model, watched_layers(self.model, cfg.nsr_layers, cfg.model),
+                                     self.data.num_classes)
+        self.tb = TensorBoardLog()  # off until _train_in opens it (a Trainer alone writes nothing)
         self.saved_at: tuple[int, int] | None = None   # (epoch, step) of the latest last.pt
         # How often the ranks agree on stopping and check the loss is finite: both read a device
         # value (a host sync on a GPU), so on GPUs only every 50 steps.
@@ -140,6 +150,7 @@ class Trainer:
             for xb, yb in self.data.train.iterate(p.epoch, p.step):
                 self.train_step(xb, yb)
                 p.step, p.global_step = p.step + 1, p.global_step + 1
+                self.tb.step(p.global_step, self.meter.last, self.reg)
                 if bar is not None:
                     bar.update(1)
                 out_of_steps = max_steps is not None and p.global_step >= max_steps
@@ -174,10 +185,10 @@ class Trainer:
     def validate(self, test_if_better: bool = True) -> dict:
         """Validation accuracy; the test accuracy too when validation improved on the best."""
         start = time.perf_counter()
-        val, val5 = evaluate(self, self.data.val)
-        result = {"val_acc": val, "val_top5_acc": val5}
+        val, val5, steadiness = evaluate(self, self.data.val, self.probe)
+        result = {"val_acc": val, "val_top5_acc": val5, **steadiness}
         if val > self.pos.best_val_acc or not test_if_better:
-            result["test_acc"], result["test_top5_acc"] = evaluate(self, self.data.test)
+            result["test_acc"], result["test_top5_acc"], _ = evaluate(self, self.data.test)
         self.pos.eval_time_s += time.perf_counter() - start
         return result
 
@@ -186,7 +197,7 @@ class Trainer:
         result = self.validate()
         row = {"epoch": p.epoch + 1, **self.meter.summary(), "val_acc": result["val_acc"],
                "val_top5_acc": result["val_top5_acc"], "lr": self.optimizer.param_groups[0]["lr"],
-               "epoch_time_s": p.epoch_time_s}
+               "epoch_time_s": p.epoch_time_s, **{k: v for k, v in result.items() if k.startswith("intra_var_")}}
         p.history.append(row)
         p.train_time_s += p.epoch_time_s
         p.epoch, p.step, p.epoch_time_s = p.epoch + 1, 0, 0.0
@@ -196,6 +207,7 @@ class Trainer:
             p.best_val_acc, p.best_epoch = result["val_acc"], p.epoch
             p.test_acc, p.test_top5_acc = result["test_acc"], result["test_top5_acc"]
             self.save("best.pt")
+        self.tb.epoch(p.global_step, row, p.test_acc, self.reg is not None)
         self.save("last.pt")
         self.write_metrics(finished=False)
         if self.rt.main:
@@ -230,11 +242,14 @@ class Trainer:
 
     # -- checkpoints and reports
     def save(self, name: str) -> None:
+        if name == "last.pt":
+            self.tb.flush()  # what was logged up to this checkpoint is on disk before it
         if self.rt.main:
             save_checkpoint(training_state(self), self.folder.file(name))
         if name == "last.pt":
             self.saved_at = (self.pos.epoch, self.pos.step)
             self.folder.commit()
+            self.tb.commit()
 
     def restore(self, path: str, state: dict) -> None:
         restore_training_state(self, path, state)
@@ -244,35 +259,6 @@ class Trainer:
         m = run_metrics(self, finished, partial)
         self.folder.write_metrics(m)
         return m
-
-
-@torch.no_grad()
-def evaluate(trainer: Trainer, batches) -> tuple[float, float]:
-    """(top-1, top-5) accuracy in percent over `batches`, summed over all ranks."""
-    model, rt = trainer.model, trainer.rt
-    if rt.world > 1:
-        # DDP keeps parameters equal, but BatchNorm running stats only as of the last forward:
-        # every rank evaluates (and rank 0 saves) with rank 0's.
-        for buffer in model.buffers():
-            dist.broadcast(buffer, 0)
-    was_training = model.training
-    model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=rt.device)  # top1, top5, count
-    k = min(5, trainer.data.num_classes)
-    for xb, yb in batches.iterate(0):
-        if trainer.channels_last:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        with trainer.autocast():
-            logits = model(xb)
-        hits = logits.topk(k, dim=1).indices == yb[:, None]
-        totals[0] += hits[:, 0].sum()
-        totals[1] += hits.any(dim=1).sum()
-        totals[2] += yb.shape[0]
-    if rt.world > 1:
-        dist.all_reduce(totals)
-    model.train(was_training)
-    top1, top5, count = totals.tolist()
-    return 100.0 * top1 / max(count, 1.0), 100.0 * top5 / max(count, 1.0)
 
 
 def run_metrics(trainer: Trainer, finished: bool, partial: dict | None = None) -> dict:
@@ -347,6 +333,7 @@ def _train_in(folder: OutputFolder, cfg: Config, rt: Runtime, hooks: RunHooks) -
         trainer.restore(resume_from, state)
     folder.begin(replace=cfg.overwrite and state is None,
                  config_text=yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    trainer.tb = TensorBoardLog.open(hooks.tensorboard_dir(cfg.out), cfg.tensorboard, rt.main, trainer.pos.global_step)
     try:
         with StopRequest() as stop, enough_memory():
             try:
@@ -357,15 +344,25 @@ def _train_in(folder: OutputFolder, cfg: Config, rt: Runtime, hooks: RunHooks) -
     except RunInterrupted:
         raise
     except BaseException as e:
-        if folder.abandon() and isinstance(e, UserError):
+        if _abandon(trainer) and isinstance(e, UserError):
             raise type(e)(f"{e}; the previous run in {cfg.out} is kept as it was") from None
         if isinstance(e, WriteError):
             raise WriteError(f"{e}; {_kept(trainer)}") from None
         raise
+    finally:
+        trainer.tb.close()
     if rt.main:
         hooks.run_end(metrics)
         print_summary(metrics, cfg.out)
     return metrics
+
+
+def _abandon(trainer: Trainer) -> bool:
+    """folder.abandon(), and the run's event files go with it: True if a replaced run was put back."""
+    if not trainer.folder.abandon():
+        return False
+    trainer.tb.discard()
+    return True
 
 
 def _kept(trainer: Trainer) -> str:
@@ -384,7 +381,7 @@ def _interrupted(trainer: Trainer, signal_name: str | None) -> RunInterrupted:
     p, rt, folder = trainer.pos, trainer.rt, trainer.folder
     what = "interrupted" if signal_name in ("SIGINT", None) else f"stopped by {signal_name}"
     where = f"{what} in epoch {p.epoch + 1} at step {p.step}"
-    if folder.abandon():
+    if _abandon(trainer):
         return RunInterrupted(f"{where}, before the first checkpoint; the previous run in "
                               f"{folder.path} is kept as it was")
     trainer.save("last.pt")

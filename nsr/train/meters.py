@@ -32,7 +32,8 @@ class EpochMeter:
                logits: torch.Tensor, labels: torch.Tensor) -> None:
         n = labels.shape[0]
         nsr = nsr if nsr is not None else self._no_nsr
-        self.losses.add_(torch.stack((loss, ce, nsr)), alpha=n)
+        self.last = torch.stack((loss, ce, nsr))  # the step's own losses, for the per-step log
+        self.losses.add_(self.last, alpha=n)
         self.correct += (logits.argmax(1) == labels).sum()
         self.seen += n
 

@@ -228,7 +228,9 @@ class OutputFolder:
             return
         write_json(self.file("metrics.json"), metrics)
         text = io.StringIO(newline="")
-        writer = csv.DictWriter(text, fieldnames=HISTORY_KEYS, extrasaction="ignore")
+        # then each watched layer's steadiness figure (nsr/train/evaluation.py), as the rows name them
+        layers = [k for k in dict.fromkeys(k for row in metrics["history"] for k in row) if k.startswith("intra_var_")]
+        writer = csv.DictWriter(text, fieldnames=HISTORY_KEYS + layers, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(metrics["history"])
         write_atomic(self.file("history.csv"), text.getvalue())
