@@ -11,7 +11,9 @@ are only read) and writes
                                   mean ± sample std over seeds), then the gain and the paired
                                   t-test p-value of each variant against vanilla
     OUT/summary.json              the numbers behind the table, and each seed's metrics
-    OUT/curves.png                validation accuracy per epoch, mean ± std band over seeds
+    OUT/curves.png                per model: validation accuracy per epoch, and beside it the
+                                  steadiness of the NSR layer (its neurons' mean intra-class
+                                  variance, from history.csv), mean ± std band over seeds
 Runs not finished are left out (a warning names them); a damaged metrics.json is an error.
 """
 
@@ -31,6 +33,8 @@ from nsr.train.errors import ArgumentParser, UserError, one_line, run_cli
 from nsr.train.fileio import save_png, write_atomic, write_json
 
 from . import stats
+from . import curves
+from .curves import curve_stats  # noqa: F401  (part of this module's API)
 
 BASELINE = "vanilla"
 # Row labels of the table; a variant not listed here is shown by its folder name.
@@ -174,22 +178,6 @@ def write_tables(out: Path, results: dict) -> str:
     return md
 
 
-def curve_stats(histories: list[list[float]]):
-    """Epoch-wise mean and std over runs of possibly different lengths (NaN-padded)."""
-    import numpy as np
-    length = max(len(h) for h in histories)
-    arr = np.full((len(histories), length), np.nan)
-    for i, h in enumerate(histories):
-        arr[i, :len(h)] = h
-    count = (~np.isnan(arr)).sum(axis=0)
-    mean = np.nanmean(arr, axis=0)
-    std = np.zeros(length)
-    multi = count > 1
-    if multi.any():
-        std[multi] = np.nanstd(arr[:, multi], axis=0, ddof=1)
-    return np.arange(1, length + 1), mean, std
-
-
 def _histories(runs: dict, key: str) -> list[list[float]]:
     found = []
     for metrics in runs.values():
@@ -202,43 +190,23 @@ def _histories(runs: dict, key: str) -> list[list[float]]:
     return found
 
 
-def write_curves(out: Path, results: dict, key: str = "val_acc") -> Path | None:
-    """curves.png: one panel per model, one line per variant, mean ± std over seeds."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    if not results:
-        return None
-    ncols = min(len(results), 3)
-    nrows = -(-len(results) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.6 * nrows), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (model, by_variant) in zip(axes.flat, results.items()):
-        for i, (variant, runs) in enumerate(by_variant.items()):
-            histories = _histories(runs, key)
-            if not histories:
-                continue
-            x, mean, std = curve_stats(histories)
-            color = colors[i % len(colors)]
-            ax.plot(x, mean, color=color, label=f"{LABELS.get(variant, variant)} (n={len(histories)})",
-                    marker="o" if len(x) <= 10 else None, markersize=3)
-            ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
-        ax.set(title=display_name(model), xlabel="epoch", ylabel="validation accuracy (%)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8, loc="lower right")
-        else:
-            ax.text(0.5, 0.5, "no finished runs", ha="center", va="center", transform=ax.transAxes)
-    for ax in list(axes.flat)[len(results):]:
-        ax.axis("off")
-    fig.suptitle("Validation accuracy: mean ± std over seeds")
-    fig.tight_layout()
-    path = Path(out) / "curves.png"
-    save_png(fig, path)
-    return path
+def write_curves(out: Path, results: dict) -> Path | None:
+    """curves.png: per model, validation accuracy (metrics.json's history) and, beside it, the
+    steadiness of the NSR layer (history.csv), one line per variant, mean ± std over seeds."""
+    panels = []
+    for model, by_variant in results.items():
+        columns = {v: {seed: curves.history_columns(run_dir(out, model, v, seed)) for seed in runs}
+                   for v, runs in by_variant.items()}
+        layer = curves.steadiness_layer(
+            [m.get("nsr_layers") or [] for runs in by_variant.values() for m in runs.values()],
+            [c for by_seed in columns.values() for c in by_seed.values()])
+        column = curves.STEADINESS + str(layer)
+        panels.append({
+            "title": display_name(model), "layer": layer,
+            "accuracy": {LABELS.get(v, v): _histories(runs, "val_acc") for v, runs in by_variant.items()},
+            "steadiness": {LABELS.get(v, v): [c[column] for c in by_seed.values() if column in c]
+                           for v, by_seed in columns.items()}})
+    return curves.plot(Path(out) / "curves.png", panels) if panels else None
 
 
 def nonempty(text: str) -> str:

@@ -2,7 +2,8 @@
 
 The scripts pass `nni_hooks()` to the engine. Inside a trial (started by `nnictl create` or
 `python -m nsr search`) it is a RunHooks that applies the tuner's parameters to the config,
-reports each epoch's validation accuracy and the final result. Outside a trial it is None and
+reports each epoch's validation accuracy and the final result, and puts the TensorBoard event
+files where NNI's web UI finds them. Outside a trial it is None and
 `nni` is never imported (importing it costs about a second, and its trial API prints a
 "without runtime" warning). The engine itself knows nothing of NNI.
 
@@ -20,6 +21,8 @@ from typing import Any
 from nsr.train.config import Config, apply_overrides, validate
 from nsr.train.engine import RunHooks
 from nsr.train.errors import UserError
+
+from .workarounds import link_tensorboard_for_web_ui
 
 __all__ = ["in_trial", "nni_hooks", "NNITrial", "get_trial_parameters", "config_overrides", "report_intermediate",
            "report_final"]
@@ -112,6 +115,13 @@ class NNITrial(RunHooks):
 
     def run_end(self, metrics: dict) -> None:
         report_final(metrics["best_val_acc"], metrics["test_acc"])
+
+    def tensorboard_dir(self, out: str) -> str:
+        """$NNI_OUTPUT_DIR/tensorboard: where NNI's docs put a trial's event files, and, linked,
+        where NNI 3.0's web UI looks for them (nsr/search/workarounds.py)."""
+        tb_dir = os.path.join(os.environ["NNI_OUTPUT_DIR"], "tensorboard")
+        link_tensorboard_for_web_ui(tb_dir)
+        return tb_dir
 
 
 def nni_hooks() -> NNITrial | None:

@@ -226,3 +226,23 @@ def no_trial_note(exp_dir: Path, gpu_note: str) -> str:
         return (f"note: no trial has started yet: NNI is waiting for a GPU ({gpu_note}); free one, "
                 "change --gpu-indices, or use --cpu")
     return f"note: no trial has started yet; NNI's log: {log}"
+
+
+def link_tensorboard_for_web_ui(tb_dir: str) -> None:
+    """NNI 3.0, local training service: the web UI's TensorBoard button reads
+    <experiment>/trials/<trial-id>/output/tensorboard, but a trial's NNI_OUTPUT_DIR (where NNI's
+    docs tell trials to write `tensorboard/`) is <experiment>/environments/<env>/trials/<trial-id>
+    (microsoft/nni#5609). A link from the first to `tb_dir` lets the button show the trial. Other
+    platforms' trials run elsewhere, and NNI 3.0 fetches none of their files: nothing to link."""
+    trial, out = os.environ.get("NNI_TRIAL_JOB_ID", ""), Path(os.environ.get("NNI_OUTPUT_DIR", ""))
+    if os.environ.get("NNI_PLATFORM") != "local" or not trial or len(out.parents) < 4 \
+            or (out.parents[2].name, out.parent.name, out.name) != ("environments", "trials", trial):
+        return
+    link = out.parents[3] / "trials" / trial / "output" / "tensorboard"
+    try:
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not os.path.lexists(link):
+            link.symlink_to(os.path.abspath(tb_dir), target_is_directory=True)
+    except OSError as e:  # the trial's own files are written all the same
+        print(f"note: NNI's web UI will not show this trial's TensorBoard ({one_line(e)}); "
+              f"open it with: tensorboard --logdir {tb_dir}", file=sys.stderr, flush=True)
