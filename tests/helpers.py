@@ -163,3 +163,15 @@ def save_then_signal(save, epoch: int, sig: int = signal.SIGKILL):
         if name.startswith("last.pt.tmp.") and position and (position["epoch"], position["step"]) == (epoch, 0):
             os.kill(os.getpid(), sig)
     return wrapped
+
+
+# ---------------------------------------------------------------------------------- TensorBoard event files
+
+def read_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value), ...]} of the event files in `folder`, read by TensorBoard's own
+    reader, which applies what the files say (a resumed run's purge of the steps it logs again)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})  # 0: keep every event
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}

@@ -1,4 +1,5 @@
-"""TensorBoard event files of a run (torch.utils.tensorboard), written while it trains.
+"""TensorBoard event files of a run, written while it trains (TensorBoard's own event format and
+writer of records, with torch.utils.tensorboard's summaries).
 
     tensorboard --logdir runs          # every run under runs/, side by side
 
@@ -9,9 +10,9 @@ $NNI_OUTPUT_DIR/tensorboard, where NNI's web UI looks).
 
 One x axis for every tag, the optimizer step (as Lightning does): each epoch's figures sit at the
 step that ends the epoch, and every STEP_EVERY steps the step's own losses are logged. A single
-axis is what makes resuming exact: a resumed run opens its writer with purge_step = the
-checkpoint's step + 1, and TensorBoard then drops whatever a stopped or killed run had logged
-after that checkpoint, on every tag at once. Everything logged up to a checkpoint is flushed
+axis is what makes resuming exact: a resumed run's file starts with TensorBoard's start-of-run
+marker at the checkpoint's step + 1 (SummaryWriter's purge_step), and TensorBoard then drops what
+a stopped or killed run had logged after that checkpoint, on every tag at once. Everything logged up to a checkpoint is flushed
 before the checkpoint is written, so nothing the resumed run will not log again can be lost.
 """
 
@@ -19,7 +20,9 @@ from __future__ import annotations
 
 import glob
 import os
+import socket
 import sys
+import time
 
 from .errors import UserError, one_line
 
@@ -31,11 +34,17 @@ def note(message: str) -> None:
     print(f"note: {message}", file=sys.stderr, flush=True)
 
 
+def _stamp(path: str) -> int:
+    """The second in an event file's name, events.out.tfevents.<seconds>.<host>.<pid>.<n>."""
+    field = os.path.basename(path).partition(".tfevents.")[2].partition(".")[0]
+    return int(field) if field.isdigit() else 0
+
+
 class TensorBoardLog:
     """The writer of one run; every method does nothing when logging is off (no writer)."""
 
     def __init__(self, writer=None, stale: list[str] | None = None):
-        self.writer = writer
+        self.writer = writer         # (RecordWriter, Event, scalar) while the file is open
         self.own: list[str] = []     # the event file this writer created
         self.stale = stale or []     # event files of an earlier run this one replaces
 
@@ -45,22 +54,52 @@ class TensorBoardLog:
         if not (enabled and main):
             return cls()
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+            from tensorboard.summary.writer.record_writer import RecordWriter
+            from torch.utils.tensorboard.summary import scalar
         except ImportError:
             note("tensorboard is not installed, so this run writes no TensorBoard events; "
                  "pip install tensorboard, or pass --no-tensorboard")
             return cls()
-        before = set(glob.glob(os.path.join(log_dir, EVENT_FILES)))
+        before = sorted(glob.glob(os.path.join(log_dir, EVENT_FILES)))
+        # TensorBoard reads a folder's event files in the order of their names, which start with a
+        # second: this run's file must come after every file it continues or replaces, or their
+        # start-of-run marker would hide its steps. Hence a file of our own (SummaryWriter names
+        # its file by the clock alone, and a resume within the same second would sort first).
+        stamp = max([int(time.time())] + [_stamp(p) + 1 for p in before])
+        path = os.path.join(log_dir, f"events.out.tfevents.{stamp:010d}.{socket.gethostname()}.{os.getpid()}.0")
         try:
-            # purge_step: TensorBoard hides the events of steps >= it from the files written
-            # before (a stopped run's steps after its checkpoint; all of them for a new run).
-            writer = SummaryWriter(log_dir, purge_step=global_step + 1 if global_step else 0)
+            os.makedirs(log_dir, exist_ok=True)
+            records = RecordWriter(open(path, "xb"))
         except OSError as e:
             raise UserError(f"cannot write TensorBoard events to {log_dir} ({one_line(e)}); "
                             "free that path, or pass --no-tensorboard") from None
-        log = cls(writer, stale=sorted(before) if global_step == 0 else [])
-        log.own = sorted(set(glob.glob(os.path.join(log_dir, EVENT_FILES))) - before)
+        log = cls((records, Event, scalar), stale=before if global_step == 0 else [])
+        log.own = [path]
+        log._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
+        # TensorBoard hides the events of steps >= this from the files before it: what a stopped
+        # or killed run logged after its checkpoint (all of it, for a new run in a used folder).
+        log._write(Event(wall_time=time.time(), step=global_step + 1 if global_step else 0,
+                         session_log=SessionLog(status=SessionLog.START)))
+        log.flush()
         return log
+
+    def _write(self, event) -> None:
+        self.writer[0].write(event.SerializeToString())
+
+    def _scalars(self, scalars: dict, global_step: int) -> None:
+        _, Event, scalar = self.writer
+        now = time.time()
+        try:
+            for tag, value in scalars.items():
+                self._write(Event(wall_time=now, step=global_step, summary=scalar(tag, float(value))))
+        except OSError as e:
+            self._give_up(e)
+
+    def _give_up(self, e: OSError) -> None:
+        """A full disk, say: the training goes on (a checkpoint that cannot be written says so itself)."""
+        note(f"cannot write TensorBoard events to {self.own[0]} ({one_line(e)}); this run logs no more")
+        self.close()
 
     def step(self, global_step: int, losses, reg) -> None:
         """Every STEP_EVERY steps: the step's loss, cross entropy and each regularized layer's
@@ -72,8 +111,7 @@ class TensorBoardLog:
         if reg is not None:
             lambdas = reg.lambdas
             scalars.update({f"step/nsr_{name}": lambdas[name] * float(term) for name, term in reg.last.items()})
-        for tag, value in scalars.items():
-            self.writer.add_scalar(tag, value, global_step)
+        self._scalars(scalars, global_step)
 
     def epoch(self, global_step: int, row: dict, test_acc: float | None, regularized: bool) -> None:
         """A finished epoch's row of the history, at the step that ended it."""
@@ -89,13 +127,16 @@ class TensorBoardLog:
         for key, value in row.items():
             if key.startswith("intra_var_"):
                 scalars[f"steadiness/{key[len('intra_var_'):]}"] = value
-        for tag, value in scalars.items():
-            self.writer.add_scalar(tag, value, global_step)
+        self._scalars(scalars, global_step)
 
     def flush(self) -> None:
         """Before a checkpoint: every event up to it is on disk (see the module's docstring)."""
-        if self.writer is not None:
-            self.writer.flush()
+        if self.writer is None:
+            return
+        try:
+            self.writer[0].flush()
+        except OSError as e:
+            self._give_up(e)
 
     def commit(self) -> None:
         """The run has its first checkpoint: the event files of the run it replaced can go."""
@@ -119,5 +160,8 @@ class TensorBoardLog:
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+            records, self.writer = self.writer[0], None
+            try:
+                records.close()
+            except OSError:
+                pass
