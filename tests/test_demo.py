@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from tests.helpers import assert_error, run_in_process
+from tests.helpers import assert_error, read_scalars, run_in_process
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -35,3 +35,9 @@ def test_one_seed_table(tmp_path, monkeypatch):
     assert 0 < vanilla < 20 and 0 < nsr < 20  # digits: a few percent test error
     assert abs(float(cells["Gain"].rstrip("%")) - (vanilla - nsr) / vanilla * 100) < 0.6
     assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["nsr-s0", "vanilla-s0"]
+    # `tensorboard --logdir runs/demo` shows both runs: every epoch (60 of 36 steps) and each layer's steadiness
+    for run in ("nsr-s0", "vanilla-s0"):
+        scalars = read_scalars(tmp_path / "demo" / run / "tb")
+        assert [s for s, _ in scalars["accuracy/val"]] == [36 * e for e in range(1, 61)], run
+        assert {"steadiness/out", "steadiness/fc1", "steadiness/fc2"} <= set(scalars), run
+        assert ("loss/nsr" in scalars) == (run == "nsr-s0")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from nsr.experiments import report, reproduce, runner, stats
+from nsr.experiments import curves, report, reproduce, runner, stats
 from nsr.experiments.runner import Variant
 from tests.helpers import ROOT, assert_one_error_line, fingerprint, run_in_process
 
@@ -346,6 +346,35 @@ def test_report_on_fabricated_runs(tmp_path, capsys):
     assert std[0] == pytest.approx(0.5)  # (91, 91, 91, 90): sd ddof=1 = sqrt(0.75/3)
     assert report.display_name("mlp10") == "MLP-10"
     assert report.display_name("vgg19_cifar10") == "VGG-19"
+
+
+def test_report_draws_the_steadiness_of_the_nsr_layer_from_history_csv(tmp_path, monkeypatch):
+    """Beside validation accuracy, curves.png compares the NSR layer's steadiness (history.csv's
+    intra_var_<layer>) of vanilla and NSR, mean ± std over seeds."""
+    out = tmp_path / "out"
+    # intra_var_out per epoch: vanilla [4, 3] and [6, 5]; NSR [1, 0.5] and [3, 0.5]
+    for seed, (vanilla, nsr) in enumerate([([4.0, 3.0], [1.0, 0.5]), ([6.0, 5.0], [3.0, 0.5])]):
+        for variant, values, layers in (("vanilla", vanilla, []), ("nsr", nsr, ["out"])):
+            folder = report.run_dir(out, "mlp4", variant, seed)
+            folder.mkdir(parents=True)
+            (folder / "metrics.json").write_text(json.dumps({
+                "model": "mlp4", "seed": seed, "test_error": 2.0, "finished": True, "nsr_layers": layers,
+                "history": [{"val_acc": 90.0}, {"val_acc": 91.0}]}))
+            (folder / "history.csv").write_text("epoch,val_acc,intra_var_fc1,intra_var_out\n" + "".join(
+                f"{e + 1},9{e}.0,7.0,{v}\n" for e, v in enumerate(values)))
+    drawn = []
+    monkeypatch.setattr(curves, "plot", lambda path, panels: drawn.append(panels) or path)
+    _cli("-m nsr report", str(out), expect=0)
+    (panel,) = drawn[0]
+    assert panel["layer"] == "out"  # the NSR run's layer, not the first column
+    assert panel["steadiness"] == {"Vanilla": [[4.0, 3.0], [6.0, 5.0]], "Vanilla + NSR": [[1.0, 0.5], [3.0, 0.5]]}
+    x, mean, std = curves.curve_stats(panel["steadiness"]["Vanilla + NSR"])
+    assert list(mean) == [2.0, 0.5] and std == pytest.approx([math.sqrt(2), 0.0])
+    monkeypatch.undo()
+    _cli("-m nsr report", str(out), expect=0)  # and drawn for real
+    assert (out / "curves.png").stat().st_size > 0
+    (folder / "history.csv").write_bytes(b"\xff\xfe\x00")  # damaged: one line naming the file
+    assert "history.csv" in _cli("-m nsr report", str(out)).err
 
 
 def test_report_reads_the_committed_fashion_mnist_layout(tmp_path):

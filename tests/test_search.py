@@ -32,7 +32,7 @@ from nsr.search import trial as nni_trial
 from nsr.search.workarounds import no_trial_note, visible_gpu_count
 from nsr.train.config import key_names, parse_args
 from nsr.train.errors import UserError
-from tests.helpers import ROOT, assert_error, free_port, run_in_process
+from tests.helpers import ROOT, assert_error, free_port, read_scalars, run_in_process
 
 REPO = Path(ROOT)
 PY = sys.executable
@@ -210,6 +210,44 @@ def test_nni_config_is_valid_and_points_at_the_right_script(name, tmp_path, monk
     cfg = parse_args([a.replace("$NNI_OUTPUT_DIR", str(tmp_path)) for a in argv[2:]])
     assert cfg.model == name.split("_")[0]
     assert (cfg.regularizer != "none") and cfg.nsr_layers
+
+
+def test_remote_pool_example_is_accepted_by_nni_and_runs_the_local_trial_command(tmp_path, monkeypatch):
+    """configs/nni/remote/mlp4_remote.yml through NNI's own config classes (no connection is made;
+    the only thing NNI checks on this machine, the SSH key file, is pointed at a stand-in)."""
+    monkeypatch.chdir(tmp_path)
+    path = REPO / "configs" / "nni" / "remote" / "mlp4_remote.yml"
+    config = ExperimentConfig.load(str(path))
+    key = tmp_path / "id_ed25519"
+    key.write_text("stand-in")
+    for machine in config.training_service.machine_list:
+        machine.ssh_key_file = str(key)
+    canon = config.canonical_copy()  # NNI's own validation
+    assert canon.training_service.platform == "remote" and len(canon.training_service.machine_list) == 2
+    assert Path(canon.trial_code_directory) == REPO
+    assert canon.search_space["lambda"] == {"_type": "loguniform", "_value": [0.001, 10]}
+    assert all(m.python_path for m in canon.training_service.machine_list)
+    # the same trial as configs/nni/mlp4.yml's, with the data at a fixed path on every machine
+    argv = shlex.split(canon.trial_command)
+    assert argv[:4] == ["python3", "fdnn_nsr.py", "--config", "configs/mlp4.yaml"]
+    monkeypatch.chdir(REPO)
+    cfg = parse_args([a.replace("$NNI_OUTPUT_DIR", str(tmp_path)) for a in argv[2:]])
+    assert cfg.data_dir == "/srv/datasets/mnist" and cfg.out == f"{tmp_path}/run"
+    # python -m nsr search runs the local service only, and says so in one line
+    line = search(tmp_path, str(path))
+    assert "local training service only" in line
+
+
+def test_nniignore_keeps_the_remote_upload_within_nni_limits():
+    """NNI packs trialCodeDirectory for remote machines and refuses more than 2000 files or
+    300 MB: .nniignore leaves out everything git ignores (the environment, data, runs) and .git."""
+    ignored = {line.strip() for line in (REPO / ".nniignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    git_ignored = {line.strip() for line in (REPO / ".gitignore").read_text().splitlines()
+                   if line.strip() and not line.startswith("#")}
+    assert git_ignored <= ignored and ".git/" in ignored
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    assert len(tracked) < 1000, "the repository alone approaches NNI's limit of 2000 files"
 
 
 # ------------------------------------------------------------------------------ python -m nsr search errors
@@ -390,6 +428,11 @@ def test_search_real_experiment_two_trials(tmp_path):
     assert metrics["test_acc"] == pytest.approx(best["test_acc"])
     assert metrics["dataset"] == "digits" and metrics["epochs"] == 1
     assert yaml.safe_load((run / "config.yaml").read_text())["lambda"] == [best["parameters"]["lambda"]]
+    # the trial's TensorBoard events: in $NNI_OUTPUT_DIR/tensorboard, and where NNI 3.0's web UI looks
+    scalars = read_scalars(Path(best["trial_dir"]) / "tensorboard")
+    assert len(scalars["accuracy/val"]) == 1 and scalars["accuracy/val"][0][1] == pytest.approx(metrics["best_val_acc"])
+    web_ui = Path(best["experiment_dir"]) / "trials" / best["trial_id"] / "output" / "tensorboard"
+    assert web_ui.resolve() == (Path(best["trial_dir"]) / "tensorboard").resolve()
     assert f"best lambda = {best['parameters']['lambda']:.6g}" in out
     assert "[2 done]" in out and "best so far" in out
 
