@@ -46,7 +46,7 @@ class SteadinessProbe:
 
         def update(labels: torch.Tensor) -> None:
             for name, m in moments.items():
-                m.update(responses(outputs[name]), labels)
+                m.update(responses(outputs[name], torch.float32), labels)
 
         hooks = [module.register_forward_hook(lambda mod, i, o, name=name: outputs.__setitem__(name, o))
                  for name, module in self.modules.items()]
