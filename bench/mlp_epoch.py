@@ -166,6 +166,17 @@ def main() -> None:
     ratio = med["ours"] / med["bare"]
     print(f"  ours / bare       = {ratio:.3f}  (guard <= 1.20: {'met' if ratio <= 1.20 else 'NOT met'})")
     print(f"  ours / ours-quiet = {med['ours'] / med['ours-quiet']:.3f}  (TensorBoard events + steadiness figure)")
+    # The figure's own cost, paired: validation passes with and without it, alternating (the
+    # epochs above differ by more than it costs when the machine is busy).
+    plain, probed = [], []
+    for _ in range(10):
+        for probe, into in ((None, plain), (trainer.probe, probed)):
+            start = time.perf_counter()
+            evaluate(trainer, trainer.data.val, probe)
+            into.append(time.perf_counter() - start)
+    extra = statistics.median(b - a for a, b in zip(plain, probed))
+    print(f"  steadiness figure: +{1000 * extra:.1f} ms per validation pass (median of 10 pairs), "
+          f"{100 * extra / med['ours-quiet']:.1f} % of an epoch")
     if "classic" in med:
         print(f"  ours / classic    = {med['ours'] / med['classic']:.3f}  (classic is {med['classic'] / med['ours']:.1f}x slower)")
     if root is not None:
