@@ -53,7 +53,7 @@ VARIANTS = (Variant("vanilla", nsr=False), Variant("nsr"))
 # Config keys that say how a run is executed, not what it trains: they may differ between a
 # saved run and the command that would (re)train it.
 EXECUTION_KEYS = {"out", "data_dir", "device", "workers", "threads", "channels_last",
-                  "eval_batch_size", "resume", "overwrite", "quiet"}
+                  "eval_batch_size", "resume", "overwrite", "quiet", "tensorboard"}
 # Flags python -m nsr reproduce sets itself, per run.
 RESERVED_FLAGS = {"--config", "--out", "--seed", "--resume", "--overwrite", "--regularizer"}
 
