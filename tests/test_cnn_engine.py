@@ -37,7 +37,7 @@ def test_cnn_script_runs_each_config_on_fake_data(tmp_path, config):
     assert (row["nsr_loss"] > 0) == (config != "resnet50_imagenet")
     assert abs(row["train_loss"] - row["ce_loss"] - row["nsr_loss"]) < 1e-5
     assert 0 <= row["test_acc"] <= 100 and 0 <= row["test_top5_acc"] <= 100
-    assert sorted(os.listdir(out)) == ["config.yaml", "history.csv", "last.pt", "metrics.json"]
+    assert sorted(os.listdir(out)) == ["config.yaml", "history.csv", "last.pt", "metrics.json", "tb"]
 
 
 def test_cnn_vanilla_and_resume_match_a_straight_run(tmp_path):

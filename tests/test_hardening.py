@@ -366,7 +366,8 @@ def test_overwrite_that_raises_before_its_first_checkpoint_keeps_the_finished_ru
 
     def fails_at_step_3(self, xb, yb):
         if self.pos.step == 2:
-            assert set(os.listdir(out)) == {"config.yaml", f".previous-{os.getpid()}", LOCK_NAME}, \
+            # tb/ stays: the old run's event files go only at the new run's first checkpoint
+            assert set(os.listdir(out)) == {"config.yaml", f".previous-{os.getpid()}", LOCK_NAME, "tb"}, \
                 "the old run is set aside"
             raise RuntimeError("a bug in the training step")
         step(self, xb, yb)
@@ -381,7 +382,7 @@ def test_overwrite_replaces_the_old_run_once_the_new_one_has_a_checkpoint(digits
     out = copy_of(digits_reference, tmp_path)
     result = run_in_process("fdnn_nsr.py", *DIGITS, "--epochs", "1", "--lr", "0.02", "--out", out, "--overwrite")
     assert result.code == 0, result.err
-    assert sorted(os.listdir(out)) == ["best.pt", "config.yaml", "history.csv", "last.pt", "metrics.json"]
+    assert sorted(os.listdir(out)) == ["best.pt", "config.yaml", "history.csv", "last.pt", "metrics.json", "tb"]
     assert len(json.load(open(os.path.join(out, "metrics.json")))["history"]) == 1
     assert load_checkpoint(os.path.join(out, "last.pt"))["config"]["lr"] == 0.02
 
@@ -428,7 +429,7 @@ def test_resume_without_a_checkpoint_says_so_even_when_quiet_and_stale_temporari
     result = run_in_process("fdnn_nsr.py", *DIGITS, "--max-steps", "2", "--out", str(out), "--resume")
     assert result.code == 0, result.err
     assert result.err.strip() == f"warning: --resume: no checkpoint in {out}; starting a new run there"
-    assert sorted(os.listdir(out)) == ["config.yaml", "history.csv", "last.pt", "metrics.json"]
+    assert sorted(os.listdir(out)) == ["config.yaml", "history.csv", "last.pt", "metrics.json", "tb"]
 
 
 def test_resume_without_a_checkpoint_and_a_bad_setting_is_one_error_line(tmp_path):

@@ -134,7 +134,7 @@ def test_a_second_run_on_a_folder_in_use_is_refused_naming_the_holder(tmp_path, 
     assert_one_error_line(err, f"error: {out} is in use by another run (pid {os.getpid()} on {socket.gethostname()}, "
                    "started ", "); wait for it to end, or choose another --out")
     assert LOCK_NAME in second["listing"], "the lock lives in OUT while the run does"
-    assert sorted(os.listdir(out)) == sorted(RUN_FILES), "released (and removed) at the end"
+    assert sorted(os.listdir(out)) == sorted([*RUN_FILES, "tb"]), "released (and removed) at the end"
     assert yaml.safe_load(read(os.path.join(out, "config.yaml")))["lr"] == 0.05, "config.yaml is the owner's"
     assert load_checkpoint(os.path.join(out, "last.pt"))["config"]["lr"] == 0.05
     assert outcome(strict_json(os.path.join(out, "metrics.json"))) == outcome(reference)
@@ -173,7 +173,7 @@ def test_only_the_projects_own_temporaries_are_removed(tmp_path, capsys):
     for name in ours + users:
         (out / name).write_bytes(b"half a file" if name in ours else b"the user's")
     assert run_main(capsys, [*FAST, "--max-steps", "2", "--out", str(out)])[0] == 0
-    assert sorted(os.listdir(out)) == sorted(["config.yaml", "metrics.json", "history.csv", "last.pt", *users])
+    assert sorted(os.listdir(out)) == sorted(["config.yaml", "metrics.json", "history.csv", "last.pt", "tb", *users])
     assert all((out / name).read_bytes() == b"the user's" for name in users)
 
 
