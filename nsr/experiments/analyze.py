@@ -108,7 +108,7 @@ def warmup(cfg, epochs: int, out: Path) -> str:
 
 def _label(path: str, cfg) -> str:
     """'vanilla (seed0/best.pt)' or 'NSR out=7.49 (nsr/best.pt)'."""
-    lambdas = (f"{n}={v:.3g}" for n, v in zip(cfg.nsr_layers, cfg.lambda_))
+    lambdas = (f"{n}={v:.3g}" for n, v in zip(cfg.regularized_layers, cfg.lambda_))
     method = "center loss" if cfg.regularizer == "center" else "NSR"
     what = " ".join([method, *lambdas]) if cfg.regularizer != "none" else "vanilla"
     return f"{what} ({'/'.join(Path(path).parts[-2:])})"

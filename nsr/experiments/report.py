@@ -373,7 +373,7 @@ def print_variance(report: dict) -> None:
     if suggested:
         best = next(r for r in rows if r["layer"] == suggested)
         print(f"\nsuggested NSR target: {suggested} (largest mean intra-class variance, "
-              f"{best['intra_var_mean']:.4g}); e.g. --nsr-layers {suggested}")
+              f"{best['intra_var_mean']:.4g}); e.g. --regularized-layers {suggested}")
 
 
 def main(argv: list[str] | None = None) -> int:

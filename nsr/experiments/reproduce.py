@@ -64,7 +64,7 @@ RESERVED_FLAGS = {"--config", "--out", "--seed", "--resume", "--overwrite", "--r
 
 def search_result_flags(path: str) -> list[str]:
     """Training flags from a λ-search best.json: {"parameters": {"lambda": 0.5 | [..] | "0.5 0.1",
-    "nsr_layer": "fc3", "queue_batches": 10, ...}} -> --lambda 0.5 --nsr-layers fc3 ..."""
+    "regularized_layer": "fc3", "queue_batches": 10, ...}} -> --lambda 0.5 --regularized-layers fc3 ..."""
     try:
         with open(path) as f:
             data = json.load(f)
@@ -84,7 +84,7 @@ def search_result_flags(path: str) -> list[str]:
         if not values or any(isinstance(v, (dict, list)) for v in values):
             raise UserError(f"--lambda-from {path}: parameters.{key} must be a value or a list of "
                             f"values, got {value!r}")
-        flag = "--nsr-layers" if key == "nsr_layer" else "--" + key.replace("_", "-")
+        flag = "--regularized-layers" if key == "regularized_layer" else "--" + key.replace("_", "-")
         flags += [flag, *(repr(float(v)) if key == "lambda" else str(v) for v in values)]
     return flags
 
