@@ -37,7 +37,7 @@ FAKE_TRAINER = textwrap.dedent('''
         f.write(json.dumps({"variant": variant, "seed": cfg.seed, "resume": cfg.resume,
                             "overwrite": cfg.overwrite, "lambda": cfg.lambda_ if (cfg.regularizer != "none") else None,
                             "epochs": cfg.epochs, "dataset": cfg.dataset, "argv": sys.argv[1:],
-                            "queue_batches": cfg.queue_batches, "nsr_layers": cfg.nsr_layers}) + "\\n")
+                            "queue_batches": cfg.queue_batches, "regularized_layers": cfg.regularized_layers}) + "\\n")
     if os.environ.get("FAKE_FAIL") == f"{variant}{cfg.seed}":
         print("Traceback (most recent call last):\\nRuntimeError: boom", file=sys.stderr)
         sys.exit(3)
@@ -229,10 +229,10 @@ def test_commands_lambda_from_extra_and_cnn(fake_repo, tmp_path, capsys):
     repo, calls = fake_repo
     out = tmp_path / "out"
     best = tmp_path / "best.json"
-    best.write_text(json.dumps({"parameters": {"lambda": 0.25, "nsr_layer": "out"}, "value": 97.1}))
+    best.write_text(json.dumps({"parameters": {"lambda": 0.25, "regularized_layer": "out"}, "value": 97.1}))
     best6 = tmp_path / "best6.json"
     best6.write_text(json.dumps({"parameters": {"lambda": [0.1, 0.2], "queue_batches": 10,
-                                                "nsr_layers": ["fc4", "out"]}}))
+                                                "regularized_layers": ["fc4", "out"]}}))
     assert _main(repo, out, "--models", "mlp4", "mlp6", "resnet18_cifar10", "--seeds", "1",
                  "--lambda-from", str(best), f"mlp6={best6}", "--dataset", "digits",
                  "--extra", "--max-steps 5", "--dry-run") == 0
@@ -242,11 +242,11 @@ def test_commands_lambda_from_extra_and_cnn(fake_repo, tmp_path, capsys):
     nsr = {m: next(l for l in lines if f"{m}.yaml" in l and "--regularizer nsr" in l)
            for m in ("mlp4", "mlp6", "resnet18_cifar10")}
     assert "fdnn_nsr.py" in nsr["mlp4"] and "cnn_nsr.py" in nsr["resnet18_cifar10"]
-    assert "--lambda 0.25 --nsr-layers out" in nsr["mlp4"] and "--dataset digits" in nsr["mlp4"]
+    assert "--lambda 0.25 --regularized-layers out" in nsr["mlp4"] and "--dataset digits" in nsr["mlp4"]
     assert nsr["mlp4"].endswith("--max-steps 5")
     assert all(l.count("--regularizer") == 1 for l in lines)
     assert "--lambda 0.1 0.2" in nsr["mlp6"]
-    assert "--queue-batches 10" in nsr["mlp6"] and "--nsr-layers fc4 out" in nsr["mlp6"]
+    assert "--queue-batches 10" in nsr["mlp6"] and "--regularized-layers fc4 out" in nsr["mlp6"]
     vanilla = [l for l in lines if "--regularizer none" in l]
     assert len(vanilla) == 3 and all("--lambda" not in l and "--queue" not in l for l in vanilla)
 

@@ -30,7 +30,7 @@ from nni.experiment.config import ExperimentConfig
 from nsr.search import launcher
 from nsr.search import trial as nni_trial
 from nsr.search.workarounds import no_trial_note, visible_gpu_count
-from nsr.train.config import key_names, parse_args
+from nsr.train.config import SETTINGS, parse_args
 from nsr.train.errors import UserError
 from tests.helpers import ROOT, assert_error, free_port, run_in_process
 
@@ -192,7 +192,7 @@ def test_nni_config_is_valid_and_points_at_the_right_script(name, tmp_path, monk
     assert canon.training_service.platform == "local"
     space = canon.search_space
     assert space["lambda"] == {"_type": "loguniform", "_value": [0.001, 10]}
-    accepted = {"lambda", "queue_batches", "nsr_layer"} | set(key_names())
+    accepted = {"regularized_layer"} | set(SETTINGS)  # the one name the trial maps (config_overrides)
     assert set(space) <= accepted, f"keys the engine would reject: {set(space) - accepted}"
 
     argv = shlex.split(canon.trial_command.replace("$NSR_TRIAL_ARGS", ""))
@@ -209,7 +209,7 @@ def test_nni_config_is_valid_and_points_at_the_right_script(name, tmp_path, monk
     monkeypatch.chdir(REPO)
     cfg = parse_args([a.replace("$NNI_OUTPUT_DIR", str(tmp_path)) for a in argv[2:]])
     assert cfg.model == name.split("_")[0]
-    assert (cfg.regularizer != "none") and cfg.nsr_layers
+    assert (cfg.regularizer != "none") and cfg.regularized_layers
 
 
 # ------------------------------------------------------------------------------ python -m nsr search errors

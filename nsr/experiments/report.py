@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from nsr.train.errors import ArgumentParser, UserError, one_line, run_cli
-from nsr.train.fileio import save_png, write_atomic, write_json
+from nsr.train.fileio import write_atomic, write_json
 
 from . import stats
+from .figures import pyplot, save_png
 
 BASELINE = "vanilla"
 # Row labels of the table; a variant not listed here is shown by its folder name.
@@ -170,7 +171,7 @@ def write_tables(out: Path, results: dict) -> str:
                                          for seed, m in runs.items()}}
                       for variant, runs in by_variant.items()}
               for model, by_variant in results.items()}
-    write_json(Path(out) / "summary.json", stats.json_safe(detail))
+    write_json(Path(out) / "summary.json", detail)
     return md
 
 
@@ -204,13 +205,11 @@ def _histories(runs: dict, key: str) -> list[list[float]]:
 
 def write_curves(out: Path, results: dict, key: str = "val_acc") -> Path | None:
     """curves.png: one panel per model, one line per variant, mean ± std over seeds."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
     if not results:
         return None
+    plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     ncols = min(len(results), 3)
     nrows = -(-len(results) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.6 * nrows), squeeze=False)
@@ -331,10 +330,7 @@ def format_table(rows: list[dict], compare: dict[str, dict] | None = None,
 
 def plot_histogram(path: Path, layer: str, series: list[tuple[str, np.ndarray]]) -> Path:
     """Overlaid histograms of per-neuron intra-class variance (log-spaced bins if it spans >100x)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     values = np.concatenate([v for _, v in series])
     positive = values[values > 0]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
