@@ -76,7 +76,7 @@ def check_dropout(name: str, dropout: float) -> None:
     """ValueError unless model `name` can take dropout rate `dropout`: a rate in [0, 1), and 0 for
     the CNNs, which have no dropout layers."""
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise ValueError(f"dropout must be a rate in [0, 1) (0: off), got {dropout!r}")
+        raise ValueError(f"dropout must be a rate in [0, 1), got {dropout!r}")
     if dropout != 0 and not is_mlp(name):
         raise ValueError(f"dropout is only for MLPs ({', '.join(MLP_HIDDEN)}); model {name!r} has none: "
                          "set dropout to 0")

@@ -125,7 +125,7 @@ def test_yaml_choices_are_checked_like_flags(tmp_path):
 
 
 def test_dropout_is_checked_by_the_models_rule():
-    with pytest.raises(UserError, match=r"dropout must be a rate in \[0, 1\) \(0: off\), got 1.0"):
+    with pytest.raises(UserError, match=r"dropout must be a rate in \[0, 1\), got 1.0"):
         parse_args(["--dropout", "1"])
     with pytest.raises(UserError, match=r"dropout is only for MLPs \(mlp3, .*\); model 'vgg19' has none"):
         parse_args(["--model", "vgg19", "--regularized-layers", "fc", "--dropout", "0.1"])

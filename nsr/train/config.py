@@ -112,14 +112,11 @@ class Config:
     quiet: bool = setting(False, "no progress bars", command_line_only=True)
 
 
-def _key(f: Field) -> str:
-    return f.metadata["key"] or f.name
-
-
 # The views of the declaration that other modules read, keyed by YAML/flag name.
-SETTINGS: dict[str, Field] = {_key(f): f for f in fields(Config)}
+SETTINGS: dict[str, Field] = {f.metadata["key"] or f.name: f for f in fields(Config)}
 CLI_ONLY = frozenset(k for k, f in SETTINGS.items() if f.metadata["command_line_only"])
-REGULARIZER_KEYS = tuple(k for k, f in SETTINGS.items() if (f.metadata["read_if"] or ("",))[0] == "regularizer")
+REGULARIZER_KEYS = tuple(k for k, f in SETTINGS.items()
+                         if f.metadata["read_if"] and f.metadata["read_if"][0] == "regularizer")
 RENAMED = {f.metadata["formerly"]: k for k, f in SETTINGS.items() if f.metadata["formerly"]}
 
 
