@@ -348,6 +348,38 @@ def test_report_on_fabricated_runs(tmp_path, capsys):
     assert report.display_name("vgg19_cifar10") == "VGG-19"
 
 
+def test_a_variant_from_the_command_line_trains_beside_vanilla_and_nsr(fake_repo, tmp_path):
+    repo, calls = fake_repo
+    out = tmp_path / "out"
+    spec = 'last2=--nsr-layers relu2 out --lambda 0.5 0.25'
+    assert _main(repo, out, "--models", "mlp4", "--seeds", "1", "--variant", spec,
+                 "--variant", "smooth=--regularizer none --label-smoothing 0.1") == 0
+    by_folder = {Path(c["argv"][c["argv"].index("--out") + 1]).parent.name: c for c in _calls(calls)}
+    assert sorted(by_folder) == ["last2", "nsr", "smooth", "vanilla"]
+    assert by_folder["last2"]["nsr_layers"] == ["relu2", "out"] and by_folder["last2"]["lambda"] == [0.5, 0.25]
+    assert by_folder["smooth"]["variant"] == "vanilla" and "--label-smoothing" in by_folder["smooth"]["argv"]
+    assert set(_table_cells(out)) >= {"last2", "smooth", "Gain: last2", "p-value: smooth"}
+    # the same command again trains nothing: every run, the added ones too, is finished
+    assert _main(repo, out, "--models", "mlp4", "--seeds", "1", "--variant", spec,
+                 "--variant", "smooth=--regularizer none --label-smoothing 0.1") == 0
+    assert len(_calls(calls)) == 4
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("last2", "expected NAME=FLAGS"),
+    ("nsr=--lambda 1", "expected NAME=FLAGS"),
+    ("../up=--lambda 1", "expected NAME=FLAGS"),
+    ("k=--seed 3", "--variant k must not set --seed"),
+    ('q=--lambda "1', "No closing quotation"),
+    ("typo=--lamda 1", "typo"),
+])
+def test_a_bad_variant_is_one_error_line_before_anything_runs(fake_repo, tmp_path, spec, message):
+    repo, calls = fake_repo
+    result = _cli("-m nsr reproduce", "--repo", str(repo), "--out", str(tmp_path / "out"), "--models", "mlp4",
+                  "--variant", spec)
+    assert message in result.err and not _calls(calls) and not (tmp_path / "out").exists()
+
+
 def test_report_reads_the_committed_fashion_mnist_layout(tmp_path):
     """The Fashion-MNIST runs of RESULTS.md (run folders are not committed; their per-seed numbers
     are, in summary.json): run folders rebuilt from them give the committed table, digit for digit."""
