@@ -59,6 +59,7 @@ class Config:
     # other baselines
     label_smoothing: float = 0.0        # epsilon of the training cross-entropy (evaluation unchanged)
     dropout: float = 0.0                # rate after each hidden activation; MLPs only
+    best_on_tie: str = "first"          # first | latest: which epoch of equal best validation accuracy reports
     # run
     seed: int = 0
     out: str = ""                       # empty: runs/<model>-<dataset>-<nsr|vanilla>-s<seed>
@@ -89,6 +90,7 @@ CHOICES = {
     "amp": ["auto", "bf16", "fp16", "off"],
     "channels_last": ["auto", "on", "off"],
     "regularizer": ["nsr", "center", "none"],
+    "best_on_tie": ["first", "latest"],
 }
 HELP = {
     "config": "YAML file whose keys set the defaults below",
@@ -103,6 +105,8 @@ HELP = {
     "label_smoothing": "epsilon in [0, 1) of the training cross-entropy",
     "dropout": "dropout rate in [0, 1) after each hidden activation (MLPs only)",
     "queue_batches": "K: recent batches that estimate the class means",
+    "best_on_tie": "which of several epochs with the best validation accuracy gives the test accuracy: "
+                   "first, or latest (the original code's rule)",
     "max_steps": "stop after N optimizer steps (smoke tests)",
     "resume": "continue from OUT/last.pt",
     "overwrite": "replace a finished run in OUT",
