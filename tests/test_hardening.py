@@ -11,7 +11,7 @@ Where each failure mode is tested (checks that already live elsewhere are refere
                                           here lambda nan through cnn_nsr.py (lambda-nan)
   lambda count != regularized layers      test_config.py::test_bad_command_line_is_one_clear_error
   unknown model / data set                test_config.py::test_bad_command_line_is_one_clear_error
-  unknown NSR layer (closest names)       here (nsr-layer)
+  unknown NSR layer (closest names)       here (unknown-layer)
   a layer named twice                     here (layer-twice), refused by the library
   --data-dir missing, download impossible here (offline), nothing created in --data-dir
   --data-dir incomplete                   test_data.py::test_incomplete_folder_names_the_missing_files;
@@ -141,7 +141,7 @@ CASES = {
     "lambda-nan": ("cnn_nsr.py", lambda t, r: ["--lambda", "nan"], ["lambda for NSR layer 'fc' must be a finite number >= 0, got nan"]),
     "invalid-yaml": ("fdnn_vanilla.py", lambda t, r: ["--config", _file(t, "bad.yaml", "lr: 0.1\nepochs: [1, 2\n")],
                      ["is not valid YAML at line 3"]),
-    "nsr-layer": ("fdnn_nsr.py", lambda t, r: [*DIGITS, "--regularized-layers", "outt"],
+    "unknown-layer": ("fdnn_nsr.py", lambda t, r: [*DIGITS, "--regularized-layers", "outt"],
                   ["NSR layer 'outt' is not a module of the model", "closest valid names: out"]),
     "layer-twice": ("fdnn_nsr.py", lambda t, r: [*DIGITS, "--regularizer", "center", "--regularized-layers", "out",
                                                  "fc3", "out", "--lambda", "1", "2", "3"],

@@ -504,7 +504,7 @@ def test_a_search_config_with_a_key_given_twice_is_refused(tmp_path):
     (["--no-per-channel"], "--per-channel has no effect here"),
     (["--center-alpha", "0.3"], "--center-alpha has no effect here"),
     (["--config", "REGULARIZED_YAML"], "sets regularizer: center: this script always trains with regularizer 'none'"),
-], ids=["regularizer-nsr", "regularizer-center", "lambda", "nsr-layers", "queue-batches", "active-only",
+], ids=["regularizer-nsr", "regularizer-center", "lambda", "regularized-layers", "queue-batches", "active-only",
         "no-per-channel", "center-alpha", "yaml-regularizer"])
 def test_the_vanilla_script_refuses_a_regularizer_and_its_settings(tmp_path, capsys, monkeypatch, argv, fragment):
     if argv[-1] == "REGULARIZED_YAML":

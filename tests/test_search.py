@@ -27,7 +27,7 @@ import pytest
 import yaml
 from nni.experiment.config import ExperimentConfig
 
-from nsr.search import launcher
+from nsr.search import launcher, nni_config
 from nsr.search import trial as nni_trial
 from nsr.search.workarounds import no_trial_note, visible_gpu_count
 from nsr.train.config import SETTINGS, parse_args
@@ -239,6 +239,7 @@ def in_repo(monkeypatch):
     (None, ["configs/nni/mlp4.yml", "--trial-args", '--lr "0.1'], "No closing quotation"),
     (None, ["configs/nni/mlp4.yml", "--gpu-indices", "a"], "--gpu-indices"),
     (None, ["configs/nni/mlp4.yml", "--max-trials", "0"], "--max-trials"),
+    (None, ["configs/nni/mlp4.yml", "--concurrency", "0"], "--concurrency must be at least 1"),
 ])
 def test_search_bad_input_is_one_line(tmp_path, in_repo, setup, args, message):
     cfg = tmp_path / "bad.yml"
@@ -262,6 +263,12 @@ def test_search_space_the_tuner_cannot_use_is_refused_before_nni_starts(tmp_path
     line = search(tmp_path, str(cfg), "--port", "0")
     assert line.startswith(f"error: NNI config {str(cfg)!r}: ") and message in line and "lambda" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_command_line_overrides_reach_the_experiment_config(in_repo):
+    args = launcher.build_parser().parse_args(["configs/nni/mlp10.yml", "--concurrency", "2", "--max-trials", "7"])
+    config = nni_config.load_config(args.config, args)
+    assert (config.trial_concurrency, config.max_trial_number) == (2, 7)  # the file says 1 and 30
 
 
 def test_a_config_nni_cannot_load_leaves_the_next_load_working(tmp_path, in_repo):

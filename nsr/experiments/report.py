@@ -9,7 +9,8 @@ Reads OUT/<model>/<variant>/seed<S>/metrics.json (the layout python -m nsr repro
 are only read) and writes
     OUT/table.md, OUT/table.csv   one column per model, one row per variant (test error % as
                                   mean ± sample std over seeds), then the gain and the paired
-                                  t-test p-value of each variant against vanilla
+                                  t-test p-value of each variant against vanilla; for a model
+                                  run on the paper's data set, the paper's rows beside ours
     OUT/summary.json              the numbers behind the table, and each seed's metrics
     OUT/curves.png                validation accuracy per epoch, mean ± std band over seeds
 Runs not finished are left out (a warning names them); a damaged metrics.json is an error.
@@ -30,7 +31,7 @@ import numpy as np
 from nsr.train.errors import ArgumentParser, UserError, one_line, run_cli
 from nsr.train.fileio import write_atomic, write_json
 
-from . import stats
+from . import paper, stats
 from .figures import pyplot, save_png
 
 BASELINE = "vanilla"
@@ -152,12 +153,19 @@ def errors_by_seed(runs: dict) -> dict[int, float]:
     return {seed: e for seed, e in errors.items() if e is not None}
 
 
+def dataset_of(by_variant: dict) -> str | None:
+    """The data set every run of a column trained on (None when they differ or none is known)."""
+    found = {m.get("dataset") for runs in by_variant.values() for m in runs.values()}
+    return found.pop() if len(found) == 1 else None
+
+
 def write_tables(out: Path, results: dict) -> str:
     """table.md, table.csv and summary.json; returns the Markdown table."""
     summaries = {model: stats.summarize({v: errors_by_seed(r) for v, r in by_variant.items()},
                                         BASELINE)
                  for model, by_variant in results.items()}
     rows = stats.results_table({display_name(m): s for m, s in summaries.items()}, LABELS, BASELINE)
+    rows += paper.rows({display_name(m): (m, dataset_of(by_variant)) for m, by_variant in results.items()})
     md = stats.table_markdown(rows)
     counts = "; ".join(f"{display_name(m)}: " + ", ".join(f"{v} {s[v]['n']}" for v in s)
                        for m, s in summaries.items())

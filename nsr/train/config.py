@@ -96,6 +96,9 @@ class Config:
     label_smoothing: float = setting(0.0, "epsilon in [0, 1) of the training cross-entropy; "
                                           "evaluation is unchanged")
     dropout: float = setting(0.0, "dropout rate in [0, 1) after each hidden activation of an MLP")
+    best_on_tie: str = setting("first", "which of several epochs with the best validation accuracy gives the "
+                                        "test accuracy; latest: the original code's rule",
+                               choices=("first", "latest"))
     # run
     seed: int = setting(0, "seed of weights, split, shuffles and augmentation")
     out: str = setting("", "output folder (default runs/<model>-<dataset>-<nsr|center|vanilla>-s<seed>)")

@@ -176,7 +176,9 @@ class Trainer:
         start = time.perf_counter()
         val, val5 = evaluate(self, self.data.val)
         result = {"val_acc": val, "val_top5_acc": val5}
-        if val > self.pos.best_val_acc or not test_if_better:
+        # The original code keeps the latest epoch that ties the best (>=); ours by default the first.
+        tie = self.cfg.best_on_tie == "latest" and val == self.pos.best_val_acc
+        if val > self.pos.best_val_acc or tie or not test_if_better:
             result["test_acc"], result["test_top5_acc"] = evaluate(self, self.data.test)
         self.pos.eval_time_s += time.perf_counter() - start
         return result
