@@ -5,7 +5,7 @@ import os
 import pytest
 
 from nsr.search.trial import config_overrides
-from nsr.train.config import Config, apply_overrides, build_parser, parse_args, to_dict, validate
+from nsr.train.config import SETTINGS, Config, apply_overrides, build_parser, parse_args, to_dict, validate
 from nsr.train.errors import UserError
 from tests.helpers import ROOT
 
@@ -147,9 +147,9 @@ def test_the_old_name_of_a_renamed_setting_names_the_new_one(tmp_path):
 
 def test_help_lists_every_setting_with_its_default_choices_and_condition():
     text = " ".join(build_parser().format_help().split())  # argparse wraps lines
-    for flag in ("--model", "--dataset", "--batch-size", "--regularized-layers", "--lambda", "--center-alpha",
-                 "--no-per-channel", "--max-steps", "--resume", "--quiet"):
-        assert flag in text
+    for key in SETTINGS:
+        assert f" --{key.replace('_', '-')} " in text, key
+    assert "--no-per-channel" in text
     assert "--lambda LAMBDA [LAMBDA ...] regularizer weight" in text
     assert "(sgd | adam | adamw; default sgd)" in text
     assert "(read with --regularizer nsr; default 5)" in text  # queue_batches
