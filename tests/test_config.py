@@ -5,7 +5,16 @@ import os
 import pytest
 
 from nsr.search.trial import config_overrides
-from nsr.train.config import SETTINGS, Config, apply_overrides, build_parser, parse_args, to_dict, validate
+from nsr.train.config import (
+    SETTINGS,
+    Config,
+    apply_overrides,
+    build_parser,
+    from_dict,
+    parse_args,
+    to_dict,
+    validate,
+)
 from nsr.train.errors import UserError
 from tests.helpers import ROOT
 
@@ -136,6 +145,9 @@ def test_the_old_name_of_a_renamed_setting_names_the_new_one(tmp_path):
         parse_args(["--nsr-layers", "out"])
     with pytest.raises(UserError, match=r"config .*c.yaml: 'nsr_layers' is now called 'regularized_layers'; rename it"):
         parse_args(["--config", write(tmp_path, "nsr_layers: [out]\n")])
+    with pytest.raises(UserError, match=r"checkpoint config: 'nsr_layers' is now called 'regularized_layers'; "
+                                        r"the checkpoint is older than the new name"):
+        from_dict({**to_dict(Config()), "nsr_layers": ["out"]})
     with pytest.raises(UserError, match=r"search-space parameter 'nsr_layer' is now called 'regularized_layer'"):
         config_overrides({"nsr_layer": "out", "lambda": 0.5})
     # the hidden old flag is never offered as the closest match, nor shown in --help

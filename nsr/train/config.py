@@ -121,6 +121,7 @@ CLI_ONLY = frozenset(k for k, f in SETTINGS.items() if f.metadata["command_line_
 REGULARIZER_KEYS = tuple(k for k, f in SETTINGS.items()
                          if f.metadata["read_if"] and f.metadata["read_if"][0] == "regularizer")
 RENAMED = {f.metadata["formerly"]: k for k, f in SETTINGS.items() if f.metadata["formerly"]}
+SAVED = "checkpoint config"  # the source of from_dict's settings, in messages
 
 
 def _closest(name: str, valid: list[str], what: str = "keys") -> str:
@@ -235,7 +236,9 @@ def apply_overrides(cfg: Config, values: dict[str, Any], source: str) -> Config:
         spelled[key] = str(given)
         if key in RENAMED:
             old, new = (_flag(key), _flag(RENAMED[key])) if on_command_line else (repr(key), repr(RENAMED[key]))
-            raise UserError(f"{source}: {old} is now called {new}; rename it")
+            fix = ("the checkpoint is older than the new name: read it with the version of the project that "
+                   "wrote it") if source == SAVED else "rename it"
+            raise UserError(f"{source}: {old} is now called {new}; {fix}")
         if key in CLI_ONLY and not on_command_line:
             raise UserError(f"{source}: {key!r} is a command-line option only ({_flag(key)}); remove it")
         if key not in valid:
@@ -438,5 +441,5 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def from_dict(values: dict[str, Any]) -> Config:
-    return apply_overrides(Config(), {k: v for k, v in values.items() if k not in CLI_ONLY},
-                           "checkpoint config")
+    """The Config of a checkpoint's saved settings (to_dict's output)."""
+    return apply_overrides(Config(), {k: v for k, v in values.items() if k not in CLI_ONLY}, SAVED)
