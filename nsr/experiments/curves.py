@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from nsr.train.errors import UserError, one_line
-from nsr.train.fileio import save_png
+
+from .figures import pyplot, save_png
 
 STEADINESS = "intra_var_"  # history.csv's columns of the figure, one per watched layer
 
@@ -78,9 +79,7 @@ def _band(ax, histories, label, color):
 def plot(path: Path, panels: list[dict]) -> Path:
     """One row per model: accuracy | steadiness. Each panel dict: title, accuracy {label: histories},
     layer (or None) and steadiness {label: histories}."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(len(panels), 2, figsize=(9.6, 3.6 * len(panels)), squeeze=False)

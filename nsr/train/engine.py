@@ -108,7 +108,7 @@ class Trainer:
         self.amp_dtype = amp_dtype(cfg, rt.device)
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=self.amp_dtype == torch.float16)
         self.pos, self.meter = Position(), EpochMeter(rt.device)
-        self.probe = SteadinessProbe(self.model, watched_layers(self.model, cfg.nsr_layers, cfg.model),
+        self.probe = SteadinessProbe(self.model, watched_layers(self.model, cfg.regularized_layers, cfg.model),
                                      self.data.num_classes)
         self.tb = TensorBoardLog()  # off until _train_in opens it (a Trainer alone writes nothing)
         self.saved_at: tuple[int, int] | None = None   # (epoch, step) of the latest last.pt
@@ -187,7 +187,9 @@ class Trainer:
         start = time.perf_counter()
         val, val5, steadiness = evaluate(self, self.data.val, self.probe)
         result = {"val_acc": val, "val_top5_acc": val5, **steadiness}
-        if val > self.pos.best_val_acc or not test_if_better:
+        # The original code keeps the latest epoch that ties the best (>=); ours by default the first.
+        tie = self.cfg.best_on_tie == "latest" and val == self.pos.best_val_acc
+        if val > self.pos.best_val_acc or tie or not test_if_better:
             result["test_acc"], result["test_top5_acc"], _ = evaluate(self, self.data.test)
         self.pos.eval_time_s += time.perf_counter() - start
         return result
@@ -274,7 +276,7 @@ def run_metrics(trainer: Trainer, finished: bool, partial: dict | None = None) -
         stopped_by = "max_steps"
     return {"model": cfg.model, "dataset": cfg.dataset, "seed": cfg.seed,
             "regularizer": cfg.regularizer,
-            "nsr_layers": cfg.nsr_layers if regularized else [], "lambda": cfg.lambda_ if regularized else [],
+            "regularized_layers": cfg.regularized_layers if regularized else [], "lambda": cfg.lambda_ if regularized else [],
             "queue_batches": used.get("queue_batches"), "center_alpha": used.get("center_alpha"),
             "label_smoothing": cfg.label_smoothing, "dropout": cfg.dropout,
             "epochs": len(p.history), "num_params": sum(t.numel() for t in trainer.model.parameters()),
@@ -392,13 +394,12 @@ def _interrupted(trainer: Trainer, signal_name: str | None) -> RunInterrupted:
     return RunInterrupted(f"{where}; saved {folder.file('last.pt')}; continue with --resume")
 
 
-def main(default_config: str | None = None, defaults: dict | None = None, description: str = "",
-         argv: list[str] | None = None, hooks: RunHooks | None = None, fixed: dict | None = None) -> None:
+def main(default_config: str | None = None, description: str = "", argv: list[str] | None = None,
+         hooks: RunHooks | None = None, fixed: dict | None = None) -> None:
     """Entry point of the scripts: parse, train, and turn user errors into one line. `fixed`:
     settings the script decides (see config.parse_args)."""
     def run():
-        cfg = parse_args(argv, default_config=default_config, defaults=defaults, description=description,
-                         fixed=fixed)
+        cfg = parse_args(argv, default_config=default_config, description=description, fixed=fixed)
         try:
             train(cfg, hooks)
         finally:

@@ -20,11 +20,11 @@ from .steadiness import ClassMoments, responses
 PREFIX = "intra_var_"  # history column of a layer's figure: intra_var_out, intra_var_fc1, ...
 
 
-def watched_layers(model: nn.Module, nsr_layers: list[str], model_name: str) -> list[str]:
+def watched_layers(model: nn.Module, layers: list[str], model_name: str) -> list[str]:
     """The config's NSR layers that the model has (a vanilla run's config may name others; they
     are only measured), then for MLPs every Linear layer, in model order, each once."""
     modules = dict(model.named_modules())
-    names = [n for n in nsr_layers if n in modules]
+    names = [n for n in layers if n in modules]
     if is_mlp(model_name):
         names += [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     return list(dict.fromkeys(names))

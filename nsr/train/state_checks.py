@@ -206,8 +206,10 @@ def check_position(pos: Position, steps_per_epoch: int) -> None:
         if vals or pos.test_acc is not None or pos.best_val_acc != -1:
             raise ValueError("position has finished epochs but no best one, or a best without an epoch")
         return
-    if not vals or pos.best_epoch != vals.index(max(vals)) + 1 or pos.best_val_acc != max(vals):
-        raise ValueError(f"position best_epoch {pos.best_epoch} (val {pos.best_val_acc}) is not the first "
+    # the first such epoch, or with best_on_tie latest the last: either is an epoch of the best
+    if not vals or not 1 <= pos.best_epoch <= len(vals) or pos.best_val_acc != max(vals) \
+            or vals[pos.best_epoch - 1] != max(vals):
+        raise ValueError(f"position best_epoch {pos.best_epoch} (val {pos.best_val_acc}) is not an "
                          "epoch of best validation accuracy in its history")
     for name, value in (("test_acc", pos.test_acc), ("test_top5_acc", pos.test_top5_acc)):
         if (value is not None or name == "test_acc") and not (value is not None and 0 <= value <= 100):
