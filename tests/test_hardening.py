@@ -371,7 +371,7 @@ def test_overwrite_that_raises_before_its_first_checkpoint_keeps_the_finished_ru
 
     def fails_at_step_3(self, xb, yb):
         if self.pos.step == 2:
-            # tb/ stays: the old run's event files go only at the new run's first checkpoint
+            # tb/: the new run's; the old one is set aside with the other files
             assert set(os.listdir(out)) == {"config.yaml", f".previous-{os.getpid()}", LOCK_NAME, "tb"}, \
                 "the old run is set aside"
             raise RuntimeError("a bug in the training step")

@@ -346,7 +346,7 @@ def _train_in(folder: OutputFolder, cfg: Config, rt: Runtime, hooks: RunHooks) -
     except RunInterrupted:
         raise
     except BaseException as e:
-        if _abandon(trainer) and isinstance(e, UserError):
+        if folder.abandon() and isinstance(e, UserError):
             raise type(e)(f"{e}; the previous run in {cfg.out} is kept as it was") from None
         if isinstance(e, WriteError):
             raise WriteError(f"{e}; {_kept(trainer)}") from None
@@ -357,14 +357,6 @@ def _train_in(folder: OutputFolder, cfg: Config, rt: Runtime, hooks: RunHooks) -
         hooks.run_end(metrics)
         print_summary(metrics, cfg.out)
     return metrics
-
-
-def _abandon(trainer: Trainer) -> bool:
-    """folder.abandon(), and the run's event files go with it: True if a replaced run was put back."""
-    if not trainer.folder.abandon():
-        return False
-    trainer.tb.discard()
-    return True
 
 
 def _kept(trainer: Trainer) -> str:
@@ -383,7 +375,7 @@ def _interrupted(trainer: Trainer, signal_name: str | None) -> RunInterrupted:
     p, rt, folder = trainer.pos, trainer.rt, trainer.folder
     what = "interrupted" if signal_name in ("SIGINT", None) else f"stopped by {signal_name}"
     where = f"{what} in epoch {p.epoch + 1} at step {p.step}"
-    if _abandon(trainer):
+    if folder.abandon():
         return RunInterrupted(f"{where}, before the first checkpoint; the previous run in "
                               f"{folder.path} is kept as it was")
     trainer.save("last.pt")

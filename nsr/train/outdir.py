@@ -6,6 +6,7 @@ replaces it.
     OUT/history.csv    one row per finished epoch
     OUT/last.pt        the latest checkpoint (each epoch end, on Ctrl-C or SIGTERM, at a --max-steps stop)
     OUT/best.pt        the checkpoint at the best validation accuracy
+    OUT/tb/            TensorBoard event files (nsr/train/tblog.py)
     OUT/.nsr.lock      while a run owns the folder: who it is (for messages only)
 
 One run owns a folder at a time: it holds an exclusive OS lock (flock) on OUT/.nsr.lock from
@@ -37,6 +38,7 @@ from .errors import UserError
 from .fileio import read_json, remove_stale_temporaries, write_atomic, write_json
 
 RUN_FILES = ("config.yaml", "metrics.json", "history.csv", "last.pt", "best.pt")
+RUN_FOLDERS = ("tb",)  # set aside and put back with the files: a run's curves go with the run
 LOCK_NAME = ".nsr.lock"
 HISTORY_KEYS = ["epoch", "train_loss", "ce_loss", "nsr_loss", "train_acc", "val_acc", "val_top5_acc",
                 "lr", "epoch_time_s"]
@@ -189,7 +191,7 @@ class OutputFolder:
         if self.notice:
             warn(self.notice)
         os.makedirs(self.path, exist_ok=True)
-        old = [n for n in RUN_FILES if os.path.exists(self.file(n))]
+        old = [n for n in RUN_FILES + RUN_FOLDERS if os.path.exists(self.file(n))]
         if replace and old:
             self.previous = self.file(f".previous-{os.getpid()}")
             os.makedirs(self.previous, exist_ok=True)
@@ -268,7 +270,10 @@ def _restore(out: str, previous: str) -> None:
             os.remove(os.path.join(out, name))
         except FileNotFoundError:
             pass
+    for name in RUN_FOLDERS:  # the failed run's, where the replaced run had one set aside
+        if os.path.isdir(os.path.join(previous, name)):
+            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
     for name in os.listdir(previous):
-        if name in RUN_FILES:
+        if name in RUN_FILES + RUN_FOLDERS:
             os.replace(os.path.join(previous, name), os.path.join(out, name))
     shutil.rmtree(previous, ignore_errors=True)

@@ -45,8 +45,8 @@ class TensorBoardLog:
 
     def __init__(self, writer=None, stale: list[str] | None = None):
         self.writer = writer         # (RecordWriter, Event, scalar) while the file is open
-        self.own: list[str] = []     # the event file this writer created
-        self.stale = stale or []     # event files of an earlier run this one replaces
+        self.path: str | None = None  # the event file this writer writes
+        self.stale = stale or []     # event files of an earlier attempt this new run replaces
 
     @classmethod
     def open(cls, log_dir: str, enabled: bool, main: bool, global_step: int) -> "TensorBoardLog":
@@ -75,7 +75,7 @@ class TensorBoardLog:
             raise UserError(f"cannot write TensorBoard events to {log_dir} ({one_line(e)}); "
                             "free that path, or pass --no-tensorboard") from None
         log = cls((records, Event, scalar), stale=before if global_step == 0 else [])
-        log.own = [path]
+        log.path = path
         log._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
         # TensorBoard hides the events of steps >= this from the files before it: what a stopped
         # or killed run logged after its checkpoint (all of it, for a new run in a used folder).
@@ -98,7 +98,7 @@ class TensorBoardLog:
 
     def _give_up(self, e: OSError) -> None:
         """A full disk, say: the training goes on (a checkpoint that cannot be written says so itself)."""
-        note(f"cannot write TensorBoard events to {self.own[0]} ({one_line(e)}); this run logs no more")
+        note(f"cannot write TensorBoard events to {self.path} ({one_line(e)}); this run logs no more")
         self.close()
 
     def step(self, global_step: int, losses, reg) -> None:
@@ -139,24 +139,15 @@ class TensorBoardLog:
             self._give_up(e)
 
     def commit(self) -> None:
-        """The run has its first checkpoint: the event files of the run it replaced can go."""
+        """The run has its first checkpoint: event files an earlier attempt left in its folder (one
+        killed before its first checkpoint) can go. (A run that --overwrite replaces takes its
+        tb/ with it when it is set aside, nsr/train/outdir.py.)"""
         for path in self.stale:
             try:
                 os.remove(path)
             except FileNotFoundError:
                 pass
         self.stale = []
-
-    def discard(self) -> None:
-        """The run failed before its first checkpoint and the run it replaced is put back: remove
-        this run's event file, so that TensorBoard shows the earlier run's curves unhidden."""
-        self.close()
-        for path in self.own:
-            try:
-                os.remove(path)
-            except FileNotFoundError:
-                pass
-        self.own = []
 
     def close(self) -> None:
         if self.writer is not None:
