@@ -175,3 +175,16 @@ def read_scalars(folder) -> dict[str, list[tuple[int, float]]]:
     acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})  # 0: keep every event
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def numpy_intra(z, y) -> float:
+    """The steadiness figure by its definition, in numpy: per neuron the class-size-weighted
+    population variance within each class, averaged over neurons (z: N x D, y: N labels)."""
+    import numpy as np
+
+    n = len(y)
+    per_neuron = np.zeros(z.shape[1])
+    for c in np.unique(y):
+        zc = z[y == c]
+        per_neuron += len(zc) / n * ((zc - zc.mean(axis=0)) ** 2).mean(axis=0)
+    return float(per_neuron.mean())

@@ -13,18 +13,7 @@ from nsr.train.data import load_data
 from nsr.train.evaluation import watched_layers
 from nsr.train.steadiness import ClassMoments
 from models import build_model
-from tests.helpers import DIGITS
-
-
-def numpy_intra(z: np.ndarray, y: np.ndarray) -> float:
-    """The definition, written out: per neuron the class-size-weighted population variance within
-    each class, averaged over neurons."""
-    n = len(y)
-    per_neuron = np.zeros(z.shape[1])
-    for c in np.unique(y):
-        zc = z[y == c]
-        per_neuron += len(zc) / n * ((zc - zc.mean(axis=0)) ** 2).mean(axis=0)
-    return float(per_neuron.mean())
+from tests.helpers import DIGITS, numpy_intra
 
 
 def test_class_moments_over_uneven_batches_match_numpy():

@@ -19,9 +19,8 @@ import nsr.train.engine as engine
 from nsr.search.trial import NNITrial
 from nsr.train.config import parse_args
 from nsr.train.data import load_data
-from tests.helpers import (DIGITS, DIGITS_EPOCHS, ROOT, STEPS_PER_EPOCH, fingerprint, read_scalars, run_in_process,
-                           run_script, step_then_signal)
-from tests.test_steadiness import numpy_intra
+from tests.helpers import (DIGITS, DIGITS_EPOCHS, ROOT, STEPS_PER_EPOCH, fingerprint, numpy_intra, read_scalars,
+                           run_in_process, run_script, step_then_signal)
 
 REF = [*DIGITS, "--epochs", str(DIGITS_EPOCHS)]  # the reference run's settings (conftest.digits_reference)
 EPOCH_TAGS = {"epoch", "loss/train", "loss/ce", "loss/nsr", "accuracy/train", "accuracy/val",
