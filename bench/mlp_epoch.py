@@ -50,7 +50,8 @@ def make_trainer(dataset: str, data_dir: str, threads: int) -> Trainer:
 
 def ours_epoch(trainer: Trainer, epoch: int, logging: bool) -> float:
     """One epoch and its validation as the engine runs them (end_epoch's bookkeeping aside)."""
-    trainer.tb = TensorBoardLog.open(os.path.join(trainer.cfg.out, "tb"), logging, True, trainer.pos.global_step)
+    trainer.tb = (TensorBoardLog.open(os.path.join(trainer.cfg.out, "tb"), trainer.pos.global_step) if logging
+                  else TensorBoardLog())
     trainer.pos.epoch, trainer.pos.step = epoch, 0
     start = time.perf_counter()
     trainer.train_epoch(None)

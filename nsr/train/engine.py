@@ -335,7 +335,8 @@ def _train_in(folder: OutputFolder, cfg: Config, rt: Runtime, hooks: RunHooks) -
         trainer.restore(resume_from, state)
     folder.begin(replace=cfg.overwrite and state is None,
                  config_text=yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    trainer.tb = TensorBoardLog.open(hooks.tensorboard_dir(cfg.out), cfg.tensorboard, rt.main, trainer.pos.global_step)
+    if cfg.tensorboard and rt.main:  # only rank 0 writes
+        trainer.tb = TensorBoardLog.open(hooks.tensorboard_dir(cfg.out), trainer.pos.global_step)
     try:
         with StopRequest() as stop, enough_memory():
             try:

@@ -49,10 +49,8 @@ class TensorBoardLog:
         self.stale = stale or []     # event files of an earlier attempt this new run replaces
 
     @classmethod
-    def open(cls, log_dir: str, enabled: bool, main: bool, global_step: int) -> "TensorBoardLog":
+    def open(cls, log_dir: str, global_step: int) -> "TensorBoardLog":
         """A writer in `log_dir` for a run that starts (or resumes) after `global_step` steps."""
-        if not (enabled and main):
-            return cls()
         try:
             from tensorboard.compat.proto.event_pb2 import Event, SessionLog
             from tensorboard.summary.writer.record_writer import RecordWriter
