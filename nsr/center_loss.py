@@ -59,6 +59,11 @@ class CenterLoss(LayerRegularizer):
             self.register_buffer(f"centers_{i}", None)  # C x D, made when D is known
         self.register_load_state_dict_pre_hook(_check_loaded)
 
+    @property
+    def started(self) -> bool:
+        """Whether every layer's centres exist: made at the first step, or loaded from a state saved after one."""
+        return all(getattr(self, f"centers_{i}") is not None for i in range(len(self.names)))
+
     def centers(self, name: str | None = None) -> torch.Tensor:
         """The C x D centres of a layer (the first one by default)."""
         c = getattr(self, f"centers_{self.layer_index(name)}")

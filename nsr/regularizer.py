@@ -224,6 +224,11 @@ class NeuronSteadiness(LayerRegularizer):
             total = weighted if total is None else total + weighted
         return total
 
+    @property
+    def started(self) -> bool:
+        """Whether every layer's memory exists: made at the first step, or loaded from a state saved after one."""
+        return all(memory.sums is not None for memory in self.memories)
+
     def class_means(self, name: str | None = None) -> torch.Tensor:
         """Current class means (C x D) of a layer (the first one by default)."""
         return self.memories[self.layer_index(name)].means()
