@@ -1,6 +1,8 @@
 """What NSR and center loss share: forward hooks that keep named layers' outputs of a training-mode
-forward pass, the layers' λ, the checks of the labels the regularizer is called with, and the
-rules for `sync`, `check_labels` and `last` (the base class LayerRegularizer).
+forward pass (each acting only for the module it was registered on, so copies of the model are
+never regularized), the layers' λ, the one rule for numeric and boolean arguments, the checks of
+the labels the regularizer is called with, and the rules for `sync`, `check_labels` and `last`
+(the base class LayerRegularizer).
 
 This file imports torch only (as regularizer.py and center_loss.py, which use it).
 """
@@ -160,7 +162,7 @@ def real_arg(what: str, value, bounds: str = ">= 0", low: float = 0.0, high: flo
 def flag_arg(what: str, value, also: tuple = ()) -> bool:
     """True or False (numpy's bool too, recognised by its type so that numpy stays optional); the
     values in `also` (e.g. None, "auto") are returned as they are."""
-    if any(value is v or (isinstance(v, str) and value == v) for v in also):
+    if any(value is v or (isinstance(value, str) and value == v) for v in also):
         return value
     if isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")):
         return bool(value)
@@ -170,6 +172,7 @@ def flag_arg(what: str, value, also: tuple = ()) -> bool:
 
 
 def check_lambda(name: str, value, what: str) -> float:
+    """A layer's λ: a real number, finite and >= 0."""
     return real_arg(f"lambda for {what} layer {name!r}", value)
 
 
