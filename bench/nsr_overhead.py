@@ -5,9 +5,10 @@
 Each variant trains its own copy of the same model on the same fixed batches (forward, cross
 entropy, backward, SGD step). Variants are interleaved round by round, each round timing `steps`
 consecutive steps with time.perf_counter (--clock cpu: time.thread_time, the CPU time of this
-thread, which other processes on a busy machine disturb less; use it with --threads 1); the table shows per-step medians over rounds and the
-ratio to the plain step, and how many ops (aten ops called from Python or autograd, counted with
-torch.profiler over one step) each variant adds to the plain step.
+thread, which other processes on a busy machine disturb less; use it with --threads 1). The
+table shows per-step medians over rounds and the ratio to the plain step, and how many ops (aten
+ops called from Python or autograd, counted with torch.profiler over one step) each variant adds
+to the plain step.
 
 Variants
   plain     cross entropy only

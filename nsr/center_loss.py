@@ -43,8 +43,9 @@ class CenterLoss(LayerRegularizer):
 
     layers, lam, sync, check_labels, lambdas, last: as LayerRegularizer (nsr/layer_outputs.py).
     alpha: the centres' rate, in [0, 1].
-    An empty batch (no samples) adds 0 and moves no centre, as NeuronSteadiness does. The centres are buffers centers_0, centers_1, ... (C x D,
-    in the layers' order), made at the first call or by load_state_dict; reg.centers(name) reads one.
+    An empty batch (no samples) adds 0 and moves no centre, as NeuronSteadiness does.
+    The centres are buffers centers_0, centers_1, ... (C x D, in the layers' order), made at the
+    first call or by load_state_dict; reg.centers(name) reads one.
     """
 
     what = "center-loss"

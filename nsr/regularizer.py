@@ -63,8 +63,8 @@ class ClassMeanMemory(nn.Module):
     module cannot be deep-copied before its first step (and a regularizer is, e.g. by the
     training engine's checkpoint check), its state_dict then holds an UninitializedBuffer that
     torch.load(weights_only=True) refuses, and once made, a lazy module cannot load a state
-    saved before the first step. What the lazy machinery would save is the three lines of push
-    that make the buffers and the last lines of _check_loaded.
+    saved before the first step. What the lazy machinery would save is the first branch of _fit,
+    which makes the buffers, and the last lines of _check_loaded.
     """
 
     def __init__(self, num_classes: int, queue_batches: int, active_only: bool = False, layer: str = ""):

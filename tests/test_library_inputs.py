@@ -43,7 +43,7 @@ def test_numpy_numbers_and_bools_act_as_python_ones():
                            sync=np.False_, check_labels=np.True_)
     ref = NeuronSteadiness(twin, ["out", "fc1"], num_classes=3, queue_batches=2, lam=0.5, active_only=True,
                            per_channel=False, sync=False, check_labels=True)
-    assert (type(reg.num_classes), type(reg.queue_batches), type(reg.active_only), type(reg.sync)) == (int, int, bool, bool)
+    assert [type(v) for v in (reg.num_classes, reg.queue_batches, reg.active_only, reg.sync)] == [int, int, bool, bool]
     reg.lambdas["fc1"] = np.float64(0.25)
     ref.lambdas["fc1"] = 0.25
     data = batches()
