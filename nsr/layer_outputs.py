@@ -62,7 +62,8 @@ class Capture:
     and pickle do, is inert. So a teacher's forward never overwrites the student's output, and a
     model saved whole loads elsewhere without a live hook (and without the captured tensors)."""
 
-    def __init__(self, captured: dict | None = None, name: str = "", what: str = "", module: nn.Module | None = None):
+    def __init__(self, captured: dict | None = None, name: str = "", what: str = "",
+                 module: nn.Module | None = None):
         self.captured, self.name, self.what = captured, name, what
         self.module = weakref.ref(module) if module is not None else None
 

@@ -183,11 +183,12 @@ class NeuronSteadiness(LayerRegularizer):
     layers, lam, sync, check_labels, lambdas, last: as LayerRegularizer (nsr/layer_outputs.py),
         e.g. a λ warm-up over 5 epochs: reg.lambdas["out"] = 7.4865 * min(1.0, (epoch + 1) / 5)
     queue_batches: K, how many recent batches (the current one included) estimate the class means.
-        The default, 5, is the paper's MLP setting: a class mean is then estimated from about
-        5·B/C samples instead of B/C (10 at batch 100 on 10 classes, where a class can have 3),
-        which is a steadier target; with K = 1 the term is only the batch's own intra-class
-        variance. A larger K costs K x C x D floats per layer and a sum over them each step. The
-        paper's CNN configs use K = 1 (configs/resnet18_cifar10.yaml): pass it for those.
+        The default, 5, is the paper's MLP setting: each class mean then comes from about 5·B/C
+        samples instead of B/C (50 instead of 10 at batch 100 on 10 classes, and a class with 2
+        samples in a batch is not pulled toward the mean of those 2 alone), a steadier target;
+        with K = 1 the term is only the batch's own intra-class variance. A larger K costs
+        K x C x D floats per layer and a sum over them each step. The paper's CNN configs use
+        K = 1 (configs/resnet18_cifar10.yaml): pass queue_batches=1 to follow them.
     active_only: class means and loss use only entries > 0 (the original code's ReLU layers).
     per_channel: average N x C x H x W outputs over H, W first, so each channel is one neuron.
     Each layer has a ClassMeanMemory, in reg.memories (in the layers' order).
