@@ -644,6 +644,25 @@ CRAFTED = {  # name: (mutation, the fragment of the one error line)
     "missing-part": (lambda s: s.pop("meter"), "it lacks meter"),
     "nsr-memory-missing": (_set(["nsr"], {}), "nsr holds no regularizer state after 50 steps"),
     "nsr-memory-shape": (lambda s: s["nsr"].update({k: torch.zeros(2, 2) for k in list(s["nsr"])[:1]}), ""),
+    # The NSR memory (mlp4.yaml: layer out, K = 5, 10 classes, 50 steps, so the pointer is back at 0):
+    # the library's own load checks, surfaced as the one line.
+    "nsr-counts-int32": (_set(["nsr", "memories.0.counts"], lambda t: t.int()),
+                         "NSR memory 'memories.0.' of layer 'out': saved sums and counts are torch.float32 and "
+                         "torch.int32; the memory holds floating-point tensors"),
+    "nsr-sums-bool": (_set(["nsr", "memories.0.sums"], lambda t: t != 0), "saved sums and counts are torch.bool and"),
+    "nsr-sums-nan": (_set(["nsr", "memories.0.sums"], _nan_at_0), "'out': its saved sums hold NaN or infinite values"),
+    "nsr-sums-inf": (_set(["nsr", "memories.0.sums"], lambda t: t / 0), "its saved sums hold NaN or infinite values"),
+    "nsr-counts-negative": (_set(["nsr", "memories.0.counts"], lambda t: -t),
+                            "'out': its saved counts must be whole numbers >= 0"),
+    "nsr-counts-fractional": (_set(["nsr", "memories.0.counts"], lambda t: t + 0.5),
+                              "its saved counts must be whole numbers >= 0"),
+    "nsr-counts-zeroed": (_set(["nsr", "memories.0.counts"], torch.zeros(5, 10, 1)),
+                          "'out': its saved sums are not 0 where nothing was counted"),
+    "nsr-sums-and-counts-missing": (lambda s: [s["nsr"].pop(f"memories.0.{k}") for k in ("sums", "counts")],
+                                    "nsr holds no regularizer state after 50 steps (a layer's memory is missing)"),
+    "nsr-sums-missing-pointer-moved": (lambda s: [s["nsr"].pop(f"memories.0.{k}") for k in ("sums", "counts")]
+                                       + [s["nsr"].update({"memories.0._extra_state": torch.tensor(3)})],
+                                       "its saved pointer is 3 but it has no sums and counts"),
 }
 
 
