@@ -123,7 +123,10 @@ class NNITrial(RunHooks):
     def tensorboard_dir(self, out: str) -> str:
         """$NNI_OUTPUT_DIR/tensorboard: where NNI's docs put a trial's event files, and, linked,
         where NNI 3.0's web UI looks for them (nsr/search/workarounds.py)."""
-        tb_dir = os.path.join(os.environ["NNI_OUTPUT_DIR"], "tensorboard")
+        trial_dir = os.environ.get("NNI_OUTPUT_DIR")
+        if not trial_dir:  # every NNI 3.0 training service sets it; without it, the run's own folder
+            return super().tensorboard_dir(out)
+        tb_dir = os.path.join(trial_dir, "tensorboard")
         link_tensorboard_for_web_ui(tb_dir)
         return tb_dir
 
