@@ -179,7 +179,8 @@ def main() -> None:
     print(f"  steadiness figure: +{1000 * extra:.1f} ms per validation pass (median of 10 pairs), "
           f"{100 * extra / med['ours-quiet']:.1f} % of an epoch")
     if "classic" in med:
-        print(f"  ours / classic    = {med['ours'] / med['classic']:.3f}  (classic is {med['classic'] / med['ours']:.1f}x slower)")
+        print(f"  ours / classic    = {med['ours'] / med['classic']:.3f}  "
+              f"(classic is {med['classic'] / med['ours']:.1f}x slower)")
     if root is not None:
         shutil.rmtree(root, ignore_errors=True)
     shutil.rmtree(trainer.cfg.out, ignore_errors=True)

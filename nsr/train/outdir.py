@@ -231,7 +231,8 @@ class OutputFolder:
         write_json(self.file("metrics.json"), metrics)
         text = io.StringIO(newline="")
         # then each watched layer's steadiness figure (nsr/train/evaluation.py), as the rows name them
-        layers = [k for k in dict.fromkeys(k for row in metrics["history"] for k in row) if k.startswith("intra_var_")]
+        keys = dict.fromkeys(k for row in metrics["history"] for k in row)
+        layers = [k for k in keys if k.startswith("intra_var_")]
         writer = csv.DictWriter(text, fieldnames=HISTORY_KEYS + layers, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(metrics["history"])

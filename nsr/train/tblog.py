@@ -12,8 +12,9 @@ One x axis for every tag, the optimizer step (as Lightning does): each epoch's f
 step that ends the epoch, and every STEP_EVERY steps the step's own losses are logged. A single
 axis is what makes resuming exact: a resumed run's file starts with TensorBoard's start-of-run
 marker at the checkpoint's step + 1 (SummaryWriter's purge_step), and TensorBoard then drops what
-a stopped or killed run had logged after that checkpoint, on every tag at once. Everything logged up to a checkpoint is flushed
-before the checkpoint is written, so nothing the resumed run will not log again can be lost.
+a stopped or killed run had logged after that checkpoint, on every tag at once. Everything logged
+up to a checkpoint is flushed before the checkpoint is written, so nothing the resumed run will not
+log again can be lost.
 """
 
 from __future__ import annotations
