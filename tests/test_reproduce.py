@@ -13,13 +13,16 @@ import json
 import math
 import os
 import runpy
+import signal
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 import types
 from pathlib import Path
 
+import psutil
 import pytest
 
 from nsr.experiments import curves, report, reproduce, runner, stats
@@ -73,6 +76,17 @@ FAKE_PROCESS = textwrap.dedent('''
     if os.environ.get("FAKE_FAIL") == f"{variant}{args.seed}":
         print("Traceback (most recent call last):\\nRuntimeError: boom", file=sys.stderr)
         sys.exit(3)
+    if os.environ.get("FAKE_WAIT_FOR_SIGTERM"):  # a run still training when its command is stopped
+        import signal
+        def stop(*_):
+            with open(os.environ["FAKE_CALLS"], "a") as f:
+                f.write(json.dumps({"stopped": f"{variant}{args.seed}", "pid": os.getpid()}) + "\\n")
+            sys.exit(130)
+        signal.signal(signal.SIGTERM, stop)
+        with open(os.environ["FAKE_CALLS"], "a") as f:
+            f.write(json.dumps({"waiting": f"{variant}{args.seed}", "pid": os.getpid()}) + "\\n")
+        while True:
+            signal.pause()
     os.makedirs(args.out, exist_ok=True)
     err = 2.0 + 0.05 * args.seed if variant == "nsr" else 3.0 + 0.1 * args.seed
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
@@ -82,27 +96,31 @@ FAKE_PROCESS = textwrap.dedent('''
 _ONE_AT_A_TIME = threading.Lock()  # sys.argv, stdout and stderr are the process's own
 
 
-def _call_in_process(command, stdout, stderr, stdin=None, env=None):
-    """The runner's subprocess.call for the stand-in trainer: the same script file, run in this
-    process (its import of torch is what a process would cost); its output goes to the run's logs
-    and sys.exit to the return code, as in a process."""
-    assert command[0] == sys.executable and os.path.isfile(command[1]), command
-    with _ONE_AT_A_TIME, contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        saved, sys.argv = sys.argv, command[1:]
-        try:
-            runpy.run_path(command[1], run_name="__main__")
-            return 0
-        except SystemExit as e:
-            return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        finally:
-            sys.argv = saved
+class _InProcess:
+    """The runner's subprocess.Popen for the stand-in trainer: the same script file, run in this
+    process when waited for (its import of torch is what a process would cost); its output goes
+    to the run's logs and sys.exit to the return code, as in a process."""
+
+    def __init__(self, command, stdout, stderr, stdin=None, env=None):
+        assert command[0] == sys.executable and os.path.isfile(command[1]), command
+        self.command, self.stdout, self.stderr = command, stdout, stderr
+
+    def wait(self):
+        with _ONE_AT_A_TIME, contextlib.redirect_stdout(self.stdout), contextlib.redirect_stderr(self.stderr):
+            saved, sys.argv = sys.argv, self.command[1:]
+            try:
+                runpy.run_path(self.command[1], run_name="__main__")
+                return 0
+            except SystemExit as e:
+                return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            finally:
+                sys.argv = saved
 
 
 @pytest.fixture
 def fake_repo(tmp_path, monkeypatch):
     """A repository whose training scripts are FAKE_TRAINER, run in-process by the runner."""
-    monkeypatch.setattr(runner, "subprocess", types.SimpleNamespace(call=_call_in_process,
-                                                                    DEVNULL=subprocess.DEVNULL))
+    monkeypatch.setattr(runner, "subprocess", types.SimpleNamespace(Popen=_InProcess, DEVNULL=subprocess.DEVNULL))
     return _fake_repo(tmp_path, monkeypatch, FAKE_TRAINER)
 
 
@@ -215,6 +233,38 @@ def test_failure_is_reported_and_others_continue(fake_repo_in_processes, tmp_pat
     monkeypatch.delenv("FAKE_FAIL")
     assert _main(repo, out, "--models", "mlp4", "--seeds", "3") == 0
     assert [(c["variant"], c["seed"]) for c in _calls(calls)[6:]] == [("nsr", 1)]
+
+
+@pytest.mark.slow  # real processes: the command and its runs
+@pytest.mark.timeout(120)
+def test_a_stopped_reproduce_stops_its_runs_and_starts_no_more(fake_repo_in_processes, tmp_path, monkeypatch):
+    """SIGTERM to `python -m nsr reproduce` alone (a `kill`, a cluster's warning), even when it was
+    started with SIGINT ignored as a `&` job is: each run in flight gets SIGTERM (a training script
+    then saves last.pt and exits), no queued run starts, and the command exits 130."""
+    repo, calls = fake_repo_in_processes
+    monkeypatch.setenv("FAKE_WAIT_FOR_SIGTERM", "1")
+    command = [sys.executable, "-m", "nsr", "reproduce", "--repo", str(repo), "--out", str(tmp_path / "out"),
+               "--models", "mlp4", "--seeds", "3", "--jobs", "2"]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    while sum("waiting" in c for c in _calls(calls)) < 2:  # both runs have started (polled, no fixed wait)
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:  # a failing runner must not leave its runs waiting forever
+        for pid in (c["pid"] for c in _calls(calls) if "waiting" in c):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == 130, (out, err)
+    records = _calls(calls)
+    waiting = {c["waiting"]: c["pid"] for c in records if "waiting" in c}
+    stopped = {c["stopped"]: c["pid"] for c in records if "stopped" in c}
+    assert len(waiting) == 2 and stopped == waiting  # both runs were told, and only they started
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+                   for pid in waiting.values())
+    assert err.startswith("interrupted; finished runs are kept") and "Traceback" not in err
 
 
 def test_fail_fast_starts_nothing_after_a_failure(fake_repo, tmp_path, monkeypatch, capsys):

@@ -3,8 +3,10 @@ progress lines and logs (the `run` step of python -m nsr reproduce and python -m
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -77,9 +79,10 @@ def _tail(path: Path, lines: int = 25) -> str:
         return ""
 
 
-def execute(run: Run, log_dir: Path, progress: Progress, env: dict) -> str | None:
+def execute(run: Run, log_dir: Path, progress: Progress, env: dict, running: set) -> str | None:
     """Train one run as a subprocess in this process's working folder (so that relative paths in
-    configs mean what they mean for the scripts); None when it finished, else why it failed."""
+    configs mean what they mean for the scripts); None when it finished, else why it failed.
+    The process sits in `running` while it trains."""
     stem = log_dir / f"{run.model}-{run.variant.name}-seed{run.seed}"
     out_log, err_log = stem.with_suffix(".stdout.log"), stem.with_suffix(".stderr.log")
     how = {"resumable": "resuming", "stale": "restarting"}.get(run.state, "training")
@@ -90,10 +93,16 @@ def execute(run: Run, log_dir: Path, progress: Progress, env: dict) -> str | Non
         fo.write("$ " + shlex.join(run.command) + "\n")
         fo.flush()
         try:
-            rc = subprocess.call(run.command, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL, env=env)
+            process = subprocess.Popen(run.command, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL, env=env)
         except OSError as e:
             rc = -1
             fe.write(f"{e}\n")
+        else:
+            running.add(process)
+            try:
+                rc = process.wait()
+            finally:
+                running.discard(process)
     took = time.monotonic() - start
     try:
         metrics = report.read_metrics(run.folder) or {}
@@ -128,23 +137,47 @@ def run_all(runs: list[Run], log_dir: Path, jobs: int, fail_fast: bool = False) 
     if jobs > 1 and "OMP_NUM_THREADS" not in env:  # jobs share the cores instead of oversubscribing
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
     log_dir.mkdir(parents=True, exist_ok=True)
-    stop = threading.Event()
+    stopped: list[str] = []  # why no further run starts, once one of the reasons holds
+    running: set[subprocess.Popen] = set()
 
     def one(run: Run) -> str | None:
-        if stop.is_set():
-            progress.line(f"{run.label}: not started (--fail-fast)", done=True)
+        if stopped:
+            progress.line(f"{run.label}: not started ({stopped[0]})", done=True)
             return None
-        failure = execute(run, log_dir, progress, env)
+        failure = execute(run, log_dir, progress, env, running)
         if failure and fail_fast:
-            stop.set()
+            stopped.append("--fail-fast")
         return failure
 
     pool = ThreadPoolExecutor(max_workers=jobs)
+    saved = stop_on_signals()
     try:
         return [f for f in pool.map(one, pending) if f]
+    except KeyboardInterrupt:
+        # Ctrl-C or SIGTERM of this command (a `kill`, a cluster's warning): queued runs never
+        # start, and each run in flight is stopped the way a training script stops on SIGTERM
+        # (last.pt saved at its step, so the same command resumes it) and waited for. Without
+        # this a run started in the background, or whose parent alone was signalled, trained on.
+        stopped.insert(0, "interrupted")
+        for process in list(running):
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+        raise
     finally:
-        # On Ctrl-C queued runs never start; runs in flight stop on their own Ctrl-C and are waited for.
         pool.shutdown(wait=True, cancel_futures=True)
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def stop_on_signals() -> dict:
+    """SIGINT and SIGTERM raise KeyboardInterrupt in this (main) thread, even when the command was
+    started with SIGINT ignored (a `&` job of a script); returns the handlers they replace."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in saved:
+        signal.signal(sig, signal.default_int_handler)
+    return saved
 
 
 def print_failures(failures: list[str], total: int | None = None) -> int:
