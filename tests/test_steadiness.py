@@ -51,7 +51,7 @@ def test_run_logs_the_figure_of_its_last_validation(digits_reference):
     with open(os.path.join(folder, "history.csv"), newline="") as f:
         last = list(csv.DictReader(f))[-1]
     assert {"intra_var_out", "intra_var_fc1", "intra_var_fc2"} <= set(last)
-    weights = {k: v.double().numpy() for k, v in torch.load(os.path.join(folder, "last.pt"))["model"].items()}
+    weights = {k: v.double().numpy() for k, v in torch.load(os.path.join(folder, "last.pt"), weights_only=True)["model"].items()}
     data = load_data(parse_args([*DIGITS, "--out", str(folder)]), torch.device("cpu"))
     x = np.concatenate([xb.reshape(len(xb), -1).double().numpy() for xb, _ in data.val.iterate(0)])
     y = np.concatenate([yb.numpy() for _, yb in data.val.iterate(0)])

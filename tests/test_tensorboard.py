@@ -184,7 +184,7 @@ def test_torchrun_two_gloo_ranks_one_writer_and_the_figure_of_all_ranks(tmp_path
     scalars = read_scalars(out / "tb")
     per_epoch = metrics["global_steps"] // 2
     assert [s for s, _ in scalars["accuracy/val"]] == [per_epoch, 2 * per_epoch]
-    weights = {k: v.double().numpy() for k, v in torch.load(out / "last.pt")["model"].items()}
+    weights = {k: v.double().numpy() for k, v in torch.load(out / "last.pt", weights_only=True)["model"].items()}
     data = load_data(parse_args([*DIGITS, "--out", str(out)]), torch.device("cpu"))
     x = np.concatenate([xb.reshape(len(xb), -1).double().numpy() for xb, _ in data.val.iterate(0)])
     y = np.concatenate([yb.numpy() for _, yb in data.val.iterate(0)])
