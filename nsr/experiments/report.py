@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nsr.train.checkpoint import load_checkpoint
 from nsr.train.errors import ArgumentParser, UserError, one_line, run_cli
 from nsr.train.fileio import save_png, write_atomic, write_json
 
@@ -65,8 +66,16 @@ def read_metrics(folder: Path) -> dict | None:
 
 
 def read_settings(folder: Path) -> dict | None:
-    """The config.yaml a run saved when it started; None when it has none. Damaged: UserError."""
+    """The settings of the run in `folder`: those its last.pt was trained with (config.yaml is a copy
+    for people to read, and never trusted over the checkpoint it belongs to), or config.yaml's when
+    it has no checkpoint; None when it has neither. Damaged: UserError."""
     import yaml
+    last = Path(folder) / "last.pt"
+    if last.is_file():
+        saved = load_checkpoint(str(last), mmap=True).get("config")  # the tensors are mapped, not read
+        if not isinstance(saved, dict):
+            raise UserError(f"checkpoint {last} holds no config; move that run folder away and train the run again")
+        return saved
     return _read_run_file(Path(folder) / "config.yaml", yaml.safe_load, yaml.YAMLError)
 
 

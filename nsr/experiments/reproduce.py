@@ -10,7 +10,8 @@ Three steps:
           the variant's flags. Each command is parsed as the script will parse it, so a bad
           flag fails here, before anything runs. A finished run is skipped, an interrupted
           one (last.pt) resumed, other leftovers replaced (--overwrite); a run folder whose
-          saved config.yaml differs from what the command would train is refused.
+          saved settings (its last.pt's, else config.yaml) differ from what the command would
+          train is refused.
   run     the runs not finished, --jobs at a time, stdout/stderr in OUT/logs/. A failed run
           is reported with the tail of its stderr and the others go on; exit status 1.
   report  python -m nsr report: OUT/table.md, table.csv, summary.json, curves.png

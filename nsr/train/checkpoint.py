@@ -41,14 +41,15 @@ def save_checkpoint(state: dict, path: str) -> None:
         torch.save({"format": FORMAT, "version": VERSION, **state}, f)
 
 
-def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """Load one of our checkpoints; anything else (truncated, foreign, unsafe) is a UserError."""
+def load_checkpoint(path: str, map_location="cpu", mmap: bool = False) -> dict:
+    """Load one of our checkpoints; anything else (truncated, foreign, unsafe) is a UserError.
+    `mmap`: map the tensors instead of reading them (to read the config of a large checkpoint)."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} not found")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes on odd pickles: the verdict is below, in one line
-            state = torch.load(path, map_location=map_location, weights_only=True)
+            state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         if "GLOBAL" not in str(e):  # not a forbidden object: bytes that are no pickle of ours
             raise _not_a_checkpoint(path, e) from None
@@ -124,7 +125,25 @@ def load_resumable(path: str, config: dict, world: int = 1, map_location="cpu") 
         raise UserError(f"cannot resume {path}: it was trained by {_processes(saved_world)} and this run has "
                         f"{_processes(world)}; resume it with the same count ({how} ... --resume), or start "
                         "a new --out")
+    _check_not_shrunk(path, state.get("position"), config)
     return state
+
+
+def _check_not_shrunk(path: str, position, config: dict) -> None:
+    """A resumption may lengthen a run, never shorten it: the checkpoint's weights would be those
+    of more epochs (or steps) than config.yaml and metrics.json would then say."""
+    if not isinstance(position, dict):
+        return  # a damaged position is refused, with the reason, by check_training_state
+    epoch, step, steps = position.get("epoch"), position.get("step"), position.get("global_step")
+    epochs, max_steps = config.get("epochs"), config.get("max_steps")
+    if is_int(epoch) and is_int(step) and is_int(epochs) and (epoch, step) > (epochs, 0):
+        trained = f"{epoch} epochs" + (f" and {step} steps of epoch {epoch + 1}" if step else "")
+        raise UserError(f"cannot resume {path} with --epochs {epochs}: it has trained {trained}; resume with "
+                        f"--epochs {epoch + (1 if step else 0)} or more, or train {epochs} epochs from the "
+                        "start in a new --out")
+    if is_int(steps) and is_int(max_steps) and steps > max_steps:
+        raise UserError(f"cannot resume {path} with --max-steps {max_steps}: it has taken {steps} steps; resume "
+                        f"with --max-steps {steps} or more (or none), or start a new --out")
 
 
 def _processes(n: int) -> str:

@@ -345,9 +345,8 @@ def _train_in(folder: OutputFolder, cfg: Config, rt: Runtime, hooks: RunHooks) -
         trainer = Trainer(cfg, rt, folder, hooks)
     if state is not None:
         trainer.restore(resume_from, state)
-    folder.begin(replace=cfg.overwrite and state is None,
-                 config_text=yaml.safe_dump(to_dict(cfg), sort_keys=False))
     try:
+        folder.begin(fresh=state is None, config_text=yaml.safe_dump(to_dict(cfg), sort_keys=False))
         with StopRequest() as stop, enough_memory():
             try:
                 metrics = trainer.fit(stop)
@@ -371,7 +370,8 @@ def _train_in(folder: OutputFolder, cfg: Config, rt: Runtime, hooks: RunHooks) -
 def _kept(trainer: Trainer) -> str:
     """What a run that cannot go on leaves to resume from."""
     if trainer.saved_at is None:
-        return "no checkpoint of this run was written"
+        return (f"no checkpoint of this run was written, and {trainer.folder.path} is as the run found it: "
+                "run the same command again once it can write")
     epoch, step = trainer.saved_at
     where = f"end of epoch {epoch}" if step == 0 else f"epoch {epoch + 1}, step {step}"
     return f"{trainer.folder.file('last.pt')} ({where}) is intact: continue with --resume once it can write"
@@ -384,7 +384,8 @@ def _interrupted(trainer: Trainer, signal_name: str | None) -> RunInterrupted:
     p, rt, folder = trainer.pos, trainer.rt, trainer.folder
     what = "interrupted" if signal_name in ("SIGINT", None) else f"stopped by {signal_name}"
     where = f"{what} in epoch {p.epoch + 1} at step {p.step}"
-    if folder.abandon():
+    if folder.replacing:  # stopped before its first checkpoint: the run it replaces goes back
+        folder.abandon()
         return RunInterrupted(f"{where}, before the first checkpoint; the previous run in "
                               f"{folder.path} is kept as it was")
     trainer.save("last.pt")
