@@ -15,8 +15,8 @@ SCENARIO
 
 For every n from 1 to the number of operations of the undisturbed run, in ROOT/points/<n>/run,
 it runs the script (one fork of this process per run: torch is imported once), then the recovery
-the project documents, and writes ROOT/points.json: each point's operation and what each
-command exited with and printed. ROOT/straight is the undisturbed new run; ROOT/old the run
+the project documents, and writes ROOT/points.json: each point's operation, what each command
+exited with and printed, and the folder the stopped run left (tests.helpers.snapshot). ROOT/straight is the undisturbed new run; ROOT/old the run
 that --overwrite replaces.
 """
 
@@ -36,12 +36,15 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 import nsr.train.engine as engine  # noqa: E402
-from tests.helpers import ROOT, step_then_signal  # noqa: E402
+from tests.helpers import ROOT, snapshot, step_then_signal  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "fdnn_nsr.py")
 # 1,150 training images of digits at batch 128: 8 steps an epoch
-NEW = ["--dataset", "digits", "--batch-size", "128", "--lr", "0.05", "--momentum", "0.9", "--quiet", "--epochs", "2"]
-OLD = [*NEW[:-1], "1", "--lr", "0.02"]  # (argparse keeps the last --lr)
+RUN = ["--dataset", "digits", "--batch-size", "128", "--lr", "0.05", "--momentum", "0.9", "--quiet"]
+# A new run trains 2 epochs (a kill in the second resumes into it), a replacing one 1 (its ops
+# after the first checkpoint are those of the new run's); the run replaced has another lr.
+EPOCHS = {"fresh": "2", "overwrite": "1", "restore": "1"}
+OLD = [*RUN, "--epochs", "1", "--lr", "0.02"]  # (argparse keeps the last --lr)
 WRITES = {"mkdir", "os.open", "open", "torch.save", "fsync", "rename", "replace"}
 
 
@@ -58,8 +61,8 @@ class Faults:
         path = os.path.realpath(os.fsdecode(path))
         if not (path == self.root or path.startswith(self.root + os.sep)):
             return
-        if self.mode == "enospc" and op not in WRITES:
-            return
+        if self.mode == "enospc" and (op not in WRITES or (op == "mkdir" and os.path.lexists(path))):
+            return  # (a mkdir where a folder is fails with EEXIST, which makedirs(exist_ok) expects)
         self.log.append(f"{op} {os.path.relpath(path, self.root)}")
         if len(self.log) == self.at:
             if self.mode == "kill":
@@ -153,7 +156,7 @@ def run(argv: list[str], log: str, faults: Faults | None = None, signal_at: int 
 def warm_up(out: str) -> None:
     """One run in this process first: the forks then start with every import and cache warm
     (0.2 s a run instead of 5)."""
-    sys.argv = [SCRIPT, *NEW, "--out", out]
+    sys.argv = [SCRIPT, *RUN, "--epochs", "1", "--out", out]
     try:
         runpy.run_path(SCRIPT, run_name="__main__")
     except SystemExit as e:
@@ -163,8 +166,9 @@ def warm_up(out: str) -> None:
 def main(root: str, mode: str, scenario: str) -> None:
     straight, old = os.path.join(root, "straight"), os.path.join(root, "old")
     warm_up(os.path.join(root, "warm-up"))
-    assert run([*NEW, "--out", straight], os.path.join(root, "straight.log"))["exit"] == 0
-    command, signal_at = [*NEW, "--out", "OUT"], None
+    new = [*RUN, "--epochs", EPOCHS[scenario]]
+    assert run([*new, "--out", straight], os.path.join(root, "straight.log"))["exit"] == 0
+    command, signal_at = [*new, "--out", "OUT"], None
     if scenario in ("overwrite", "restore"):
         assert run([*OLD, "--out", old], os.path.join(root, "old.log"))["exit"] == 0
         command.append("--overwrite")
@@ -190,7 +194,7 @@ def main(root: str, mode: str, scenario: str) -> None:
         out = prepared(n)
         folder = os.path.dirname(out)
         faulted = run(argv(out), os.path.join(folder, "fault.log"), Faults(out, mode, n), signal_at)
-        state = sorted(os.listdir(out)) if os.path.isdir(out) else None
+        state = snapshot(out)  # what the stopped run left, before any repair
         again = None
         if mode == "enospc" and faulted["exit"] == 2 and "--resume" not in faulted["stderr"]:
             again = list(argv(out))        # the message says: run the same command again

@@ -149,10 +149,29 @@ def collect(out: Path, models: list[str], variants: list[str], seeds: list[int] 
                         why = " (stopped by --max-steps)" if (metrics or {}).get("stopped_by") == "max_steps" else ""
                         warn(f"{folder} is not a finished run{why}; left out of the table")
                     continue
-                test_error(metrics, folder)  # a damaged value fails here, before anything is written
+                if test_error(metrics, folder) is None:  # (a damaged value fails there, before anything is written)
+                    warn(f"{folder} is a finished run without a test error (test_error is "
+                         f"{metrics.get('test_error')!r}); left out of the table")
+                    continue
                 runs[seed] = metrics
             results[model][variant] = runs
+        _warn_unpaired(model, results[model], warn)
     return results
+
+
+def _warn_unpaired(model: str, by_variant: dict, warn) -> None:
+    """A variant whose seeds are not the baseline's: its gain compares means over different seeds."""
+    base = sorted(by_variant.get(BASELINE, {}))
+    for variant, runs in by_variant.items():
+        if variant != BASELINE and sorted(runs) != base:
+            both = len(set(runs) & set(base))
+            warn(f"{display_name(model)}: {variant} has seeds {_seed_list(runs)} and {BASELINE} "
+                 f"{_seed_list(base)}; its gain compares the means of these unequal sets, its p-value "
+                 f"pairs the {both} seed{'s' if both != 1 else ''} both have")
+
+
+def _seed_list(seeds) -> str:
+    return ", ".join(map(str, sorted(seeds))) or "none"
 
 
 def errors_by_seed(runs: dict) -> dict[int, float]:

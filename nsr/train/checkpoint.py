@@ -168,6 +168,13 @@ def restore_training_state(trainer, path: str, state: dict) -> None:
         trainer.model.load_state_dict(state["model"])
         trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.scheduler.load_state_dict(scheduler_state)
+        if pos.global_step > 0:
+            # The run's optimizer has stepped, in the process that saved it: a step with no
+            # gradients (which changes nothing) tells the scheduler so, or its next step (at once,
+            # when the run stopped at an epoch's last step) warns "scheduler.step() before
+            # optimizer.step()", a warning about an order this run kept.
+            trainer.optimizer.zero_grad(set_to_none=True)
+            trainer.optimizer.step()
         trainer.scaler.load_state_dict(state["scaler"])
         if trainer.reg is not None:
             trainer.reg.load_state_dict(state["nsr"])  # the library checks its own memory

@@ -64,6 +64,9 @@ class RunHooks:
         """Called on the main process with the final metrics of a run that trained to its end."""
 
 
+STOP_SIGNALS = ("SIGINT", "SIGTERM")  # what StopRequest names
+
+
 class TrainingDiverged(UserError):
     pass
 
@@ -163,10 +166,15 @@ class Trainer:
         if self.rt.world == 1:
             stop_any, diverged = requested, not bool(self.meter.finite())
         else:
-            flags = torch.stack((torch.tensor(float(requested), device=self.rt.device),
+            # which signal: 0 none, 1 SIGINT, 2 SIGTERM (the larger wins), so that every rank,
+            # rank 0 that writes metrics.json's stopped_by included, names the one that came
+            signal_code = STOP_SIGNALS.index(stop.signal_name) + 1 if requested else 0
+            flags = torch.stack((torch.tensor(float(signal_code), device=self.rt.device),
                                  (~self.meter.finite()).float()))
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             stop_any, diverged = flags.tolist()
+            if stop_any and stop is not None and stop.signal_name is None:
+                stop.signal_name = STOP_SIGNALS[int(stop_any) - 1]
         if diverged:
             raise TrainingDiverged(_diverged_message(self.pos, since, self.saved_at, self.folder.file("last.pt")))
         return bool(stop_any)
