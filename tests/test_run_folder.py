@@ -259,3 +259,47 @@ def test_a_resume_at_an_epochs_last_step_prints_no_scheduler_warning(tmp_path, m
     straight = run_in_process(SCRIPT, *args[:-1], str(tmp_path / "straight"))
     assert straight.code == 0
     assert outcome(metrics(out)) == outcome(metrics(tmp_path / "straight"))
+
+
+def _rank(rank: int, port: int, out: str, dump: str) -> None:
+    """One torchrun-style rank (gloo, CPU); rank 1 alone gets SIGTERM after its 5th step."""
+    import gc
+
+    import torch.distributed as dist
+
+    from nsr.train import engine
+    from nsr.train.config import parse_args
+    from nsr.train.errors import RunInterrupted
+    from tests.helpers import MLP4, step_then_signal
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2", OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    if rank == 1:
+        engine.Trainer.train_step = step_then_signal(engine.Trainer.train_step, 5, signal.SIGTERM)
+    try:
+        engine.train(parse_args([*DIGITS, "--epochs", "2", "--out", out], default_config=MLP4))
+    except RunInterrupted as e:
+        with open(os.path.join(dump, f"rank{rank}"), "w") as f:
+            f.write(str(e))
+    finally:
+        gc.collect()  # the trainer's DDP wrapper holds the group: free it first (as engine.main does)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sigterm_to_one_rank_under_torchrun_is_recorded_as_sigterm(tmp_path):
+    """The ranks agree to stop at the same step; rank 0, which writes metrics.json, was not the one
+    signalled, and still names the signal."""
+    import torch.multiprocessing as mp
+
+    from tests.helpers import free_port
+    out, dump = str(tmp_path / "run"), str(tmp_path / "dump")
+    os.makedirs(dump)
+    mp.spawn(_rank, args=(free_port(), out, dump), nprocs=2, join=True)
+    said = [open(os.path.join(dump, f"rank{r}")).read() for r in (0, 1)]
+    assert said[0] == f"stopped by SIGTERM in epoch 1 at step 5; saved {out}/last.pt; continue with --resume"
+    assert said[1] == "rank 1: stopped by SIGTERM in epoch 1 at step 5"
+    m = metrics(out)
+    assert (m["finished"], m["stopped_by"], m["global_steps"]) == (False, "SIGTERM", 5)

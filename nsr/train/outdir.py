@@ -207,11 +207,11 @@ class OutputFolder:
         run it replaces, or nothing) and is pending until its first last.pt; then config.yaml."""
         if not self.writer:
             return
-        self._began = True
         if self.notice:
             warn(self.notice)
         if fresh:
             self._set_aside()
+        self._began = True
         write_atomic(self.file("config.yaml"), config_text)
 
     def _set_aside(self) -> None:
