@@ -55,7 +55,7 @@ def test_an_overwrite_killed_while_setting_aside_gives_every_file_back(tmp_path,
     result = run_in_process(SCRIPT, *DIGITS, "--epochs", "2", "--out", out)
     assert result.code == 2
     warning, error = result.err.strip().splitlines()
-    assert warning.startswith(f"warning: restored the run in {out} that an --overwrite run (pid 4242) had set aside")
+    assert warning.startswith(f"warning: restored the run in {out} that a new run (pid 4242) had set aside")
     assert error == f"error: {out} already holds a finished run; pass --overwrite to replace it, or choose another --out"
     assert fingerprint(out) == before
 

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 
-from nsr.train.checkpoint import load_checkpoint
 from nsr.train.errors import ArgumentParser, UserError, one_line, run_cli
 from nsr.train.fileio import save_png, write_atomic, write_json
 
@@ -66,16 +65,9 @@ def read_metrics(folder: Path) -> dict | None:
 
 
 def read_settings(folder: Path) -> dict | None:
-    """The settings of the run in `folder`: those its last.pt was trained with (config.yaml is a copy
-    for people to read, and never trusted over the checkpoint it belongs to), or config.yaml's when
-    it has no checkpoint; None when it has neither. Damaged: UserError."""
+    """The config.yaml a run saved when it started; None when it has none. Damaged: UserError.
+    (A copy for people: a tool that compares settings reads the checkpoint's, reproduce.run_settings.)"""
     import yaml
-    last = Path(folder) / "last.pt"
-    if last.is_file():
-        saved = load_checkpoint(str(last), mmap=True).get("config")  # the tensors are mapped, not read
-        if not isinstance(saved, dict):
-            raise UserError(f"checkpoint {last} holds no config; move that run folder away and train the run again")
-        return saved
     return _read_run_file(Path(folder) / "config.yaml", yaml.safe_load, yaml.YAMLError)
 
 
@@ -163,15 +155,11 @@ def _warn_unpaired(model: str, by_variant: dict, warn) -> None:
     """A variant whose seeds are not the baseline's: its gain compares means over different seeds."""
     base = sorted(by_variant.get(BASELINE, {}))
     for variant, runs in by_variant.items():
+        both = len(set(runs) & set(base))
         if variant != BASELINE and sorted(runs) != base:
-            both = len(set(runs) & set(base))
-            warn(f"{display_name(model)}: {variant} has seeds {_seed_list(runs)} and {BASELINE} "
-                 f"{_seed_list(base)}; its gain compares the means of these unequal sets, its p-value "
-                 f"pairs the {both} seed{'s' if both != 1 else ''} both have")
-
-
-def _seed_list(seeds) -> str:
-    return ", ".join(map(str, sorted(seeds))) or "none"
+            warn(f"{display_name(model)}: {variant} has seeds {', '.join(map(str, sorted(runs))) or 'none'} and "
+                 f"{BASELINE} {', '.join(map(str, base)) or 'none'}; its gain compares the means of these unequal "
+                 f"sets, its p-value pairs the {both} seed{'s' * (both != 1)} both have")
 
 
 def errors_by_seed(runs: dict) -> dict[int, float]:

@@ -33,6 +33,7 @@ import sys
 from pathlib import Path
 
 from models import is_mlp
+from nsr.train.checkpoint import load_checkpoint
 from nsr.train.config import REGULARIZER_KEYS, to_dict, unused_settings
 from nsr.train.config import parse_args as parse_config
 from nsr.train.errors import (
@@ -169,6 +170,19 @@ def _same(a, b) -> bool:
     return a == b
 
 
+def run_settings(folder: Path) -> dict | None:
+    """The settings of the run in `folder`: those its last.pt was trained with (config.yaml is a copy
+    for people, never trusted over the checkpoint it belongs to), or config.yaml's in a folder
+    without a checkpoint; None when it has neither. Damaged: UserError."""
+    last = folder / "last.pt"
+    if not last.is_file():
+        return report.read_settings(folder)
+    saved = load_checkpoint(str(last), mmap=True).get("config")  # the tensors are mapped, not read
+    if not isinstance(saved, dict):
+        raise UserError(f"checkpoint {last} holds no config; move that run folder away and train the run again")
+    return saved
+
+
 def folder_state(folder: Path) -> str:
     """'finished', 'resumable' (last.pt), 'stale' (other leftovers) or 'new'."""
     try:
@@ -197,7 +211,7 @@ def plan(args, variants=VARIANTS) -> list[Run]:
                 run = Run(model, variant, seed, folder, command, folder_state(folder))
                 wanted = wanted_settings(command, f"{model} {variant.name}")
                 if run.state in ("finished", "resumable"):
-                    diff = differences(report.read_settings(folder) or {}, wanted)
+                    diff = differences(run_settings(folder) or {}, wanted)
                     if diff:
                         conflicts.append(f"{folder} holds a run with other settings ({', '.join(diff)})")
                 run.command += {"resumable": ["--resume"], "stale": ["--overwrite"]}.get(run.state, [])

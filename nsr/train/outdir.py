@@ -162,7 +162,11 @@ class OutputFolder:
             match = _TRANSITION.match(name)
             folder = self.file(name)
             if match and os.path.isdir(folder) and not os.path.islink(folder):
-                self._finish_transition(match.group(1), match.group(2), folder)
+                try:
+                    self._finish_transition(match.group(1), match.group(2), folder)
+                except OSError as e:  # each step is one the next owner can take again
+                    raise UserError(f"{folder} holds what a killed run left, and it cannot be put back "
+                                    f"({e.strerror or e}); make {self.path} writable (or choose another --out)") from None
         remove_stale_temporaries(self.path, RUN_FILES)
 
     # -- the run's state in the folder
@@ -229,7 +233,8 @@ class OutputFolder:
                 _move_back(self.path, aside)
             raise UserError(f"cannot write to output folder {self.path} ({e.strerror or e}); nothing in it "
                             "was changed; free some space there (or choose another --out)") from None
-        self.pending, self.replacing = previous, bool(old)
+        self.pending = previous
+        self.replacing = bool(set(old) - {"config.yaml"})  # a run's results, not a stray config.yaml
 
     def commit(self) -> None:
         """This run has written its first checkpoint: the run it replaced is no longer needed."""
@@ -258,7 +263,7 @@ class OutputFolder:
         else:
             deleted, restored = [], _move_back(self.path, folder)
         if restored:
-            warn(f"restored the run in {self.path} that an --overwrite run (pid {pid}) had set aside "
+            warn(f"restored the run in {self.path} that a new run (pid {pid}) had set aside "
                  f"({', '.join(restored)}); that run stopped before its first checkpoint")
         elif deleted:
             warn(f"deleted {', '.join(deleted)} in {self.path}: a run (pid {pid}) wrote them and stopped "
@@ -321,5 +326,6 @@ def _move_back(out: str, folder: str) -> list[str]:
         if os.path.lexists(os.path.join(folder, name)):
             os.replace(os.path.join(folder, name), os.path.join(out, name))
             restored.append(name)
-    os.rmdir(folder)
+    with contextlib.suppress(OSError):  # not empty: someone else's file is in it; it stays, with the folder
+        os.rmdir(folder)
     return restored
