@@ -303,3 +303,28 @@ def test_sigterm_to_one_rank_under_torchrun_is_recorded_as_sigterm(tmp_path):
     assert said[1] == "rank 1: stopped by SIGTERM in epoch 1 at step 5"
     m = metrics(out)
     assert (m["finished"], m["stopped_by"], m["global_steps"]) == (False, "SIGTERM", 5)
+
+
+def test_settings_of_execution_may_change_on_resume_and_in_reproduce_alike(tmp_path):
+    """One list (checkpoint.EXECUTION_KEYS): a resume with other threads and evaluation batches
+    continues to the straight result, and reproduce counts such a folder as the same run."""
+    from nsr.train.checkpoint import EXECUTION_KEYS
+    assert reproduce.EXECUTION_KEYS is EXECUTION_KEYS
+    out = str(tmp_path / "run")
+    assert run_in_process(SCRIPT, *DIGITS, "--epochs", "2", "--max-steps", "40", "--out", out).code == 0
+    result = run_in_process(SCRIPT, *DIGITS, "--epochs", "2", "--threads", "2", "--eval-batch-size", "64",
+                            "--out", out, "--resume")
+    assert result.code == 0, result.err
+    assert outcome(metrics(out)) == outcome(metrics(finished(tmp_path, "reference")))
+    saved = checkpoint.load_checkpoint(os.path.join(out, "last.pt"))["config"]
+    assert reproduce.differences(saved, {**saved, "threads": 0, "eval_batch_size": 1000, "out": "x"}) == []
+    assert reproduce.differences(saved, {**saved, "epochs": 3}) == ["epochs: 2 -> 3"]
+
+
+def test_a_checkpoint_without_its_process_count_is_refused(tmp_path):
+    out = finished(tmp_path)
+    state = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    del state["world_size"]
+    torch.save(state, os.path.join(out, "last.pt"))
+    assert_error(run_in_process(SCRIPT, *DIGITS, "--epochs", "2", "--out", out, "--resume"),
+                 "does not fit this run (world_size None is not a process count)")

@@ -33,7 +33,7 @@ import sys
 from pathlib import Path
 
 from models import is_mlp
-from nsr.train.checkpoint import load_checkpoint
+from nsr.train.checkpoint import EXECUTION_KEYS, load_checkpoint
 from nsr.train.config import REGULARIZER_KEYS, to_dict, unused_settings
 from nsr.train.config import parse_args as parse_config
 from nsr.train.errors import (
@@ -52,10 +52,6 @@ REPO = Path(__file__).resolve().parents[2]  # nsr/experiments/ -> the repository
 
 VARIANTS = (Variant("vanilla", nsr=False), Variant("nsr"))
 
-# Config keys that say how a run is executed, not what it trains: they may differ between a
-# saved run and the command that would (re)train it.
-EXECUTION_KEYS = {"out", "data_dir", "device", "workers", "threads", "channels_last",
-                  "eval_batch_size", "resume", "overwrite", "quiet"}
 # Flags python -m nsr reproduce sets itself, per run.
 RESERVED_FLAGS = {"--config", "--out", "--seed", "--resume", "--overwrite", "--regularizer"}
 

@@ -25,13 +25,15 @@ from .state_checks import check_training_state, is_int
 
 FORMAT = "nsr-checkpoint"
 # The layout of what a checkpoint holds; a change to it (keys, the NSR memory's buffers) bumps it,
-# and a loader refuses any other version in one line rather than guess. (world_size, added later,
-# is optional: a checkpoint without it is checked by its position, which counts steps per process.)
+# and a loader refuses any other version in one line rather than guess.
 VERSION = 2
-# Settings that may differ between a run and its resumption; any other change is refused. A
-# changed --epochs is refused too when the schedule depends on it (cosine), see _check_schedule.
-RESUMABLE_CHANGES = {"epochs", "max_steps", "out", "device", "workers", "quiet", "resume",
-                     "overwrite", "data_dir", "eval_batch_size"}
+# Settings that say how a run executes, not what it trains: they may differ between a run and its
+# resumption, and between a saved run and the command python -m nsr reproduce would train it with.
+EXECUTION_KEYS = frozenset({"out", "data_dir", "device", "workers", "threads", "channels_last",
+                            "eval_batch_size", "quiet", "resume", "overwrite"})
+# ... and the run's length: a resumption may lengthen it (never shorten it, _check_not_shrunk), and
+# --epochs only where the schedule does not follow it (cosine does: _check_schedule).
+LENGTH_KEYS = frozenset({"epochs", "max_steps"})
 
 
 def save_checkpoint(state: dict, path: str) -> None:
@@ -62,9 +64,9 @@ def load_checkpoint(path: str, map_location="cpu", mmap: bool = False) -> dict:
         raise _not_a_checkpoint(path, e) from None
     except Exception as e:  # noqa: BLE001 -- whatever a damaged or foreign file makes torch.load raise
         raise _not_a_checkpoint(path, e) from None
-    if not isinstance(state, dict) or state.get("format") not in (FORMAT, "nsr-checkpoint-v1"):
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path} is not a checkpoint written by this project (no {FORMAT!r} marker)")
-    version = state.get("version", 1)
+    version = state.get("version")
     if version != VERSION:
         raise UserError(f"checkpoint {path} has format version {version!r}, and this code reads version "
                         f"{VERSION} only; use the version of the project that wrote it, or start a new --out")
@@ -109,12 +111,12 @@ def load_resumable(path: str, config: dict, world: int = 1, map_location="cpu") 
     saved = state.get("config")
     if not isinstance(saved, dict):
         raise UserError(f"checkpoint {path} holds no config; it cannot be resumed")
-    changed = [k for k in config if k not in RESUMABLE_CHANGES and k in saved and saved[k] != config[k]]
+    changed = [k for k in config if k not in EXECUTION_KEYS | LENGTH_KEYS and k in saved and saved[k] != config[k]]
     if changed:
         diffs = ", ".join(f"{k}: {saved[k]!r} -> {config[k]!r}" for k in changed[:4])
         raise UserError(f"cannot resume {path}: settings differ from the saved run ({diffs}); "
                         "resume with the same settings or start a new --out")
-    saved_world = state.get("world_size", world)
+    saved_world = state.get("world_size")
     if not is_int(saved_world) or saved_world < 1:
         raise UserError(f"checkpoint {path} does not fit this run (world_size {saved_world!r} is not a "
                         "process count)")
