@@ -28,6 +28,7 @@ def check_training_state(trainer, path: str, state: dict) -> tuple[Position, dic
     if missing:
         raise ValueError(f"it lacks {', '.join(missing)}")
     check_tensors(state["model"], trainer.model.state_dict(), "model")
+    check_position_fields(state["position"])
     pos = Position.from_state(state["position"])
     check_position(pos, len(trainer.data.train))
     check_meter(state["meter"], pos.step, trainer.cfg.batch_size, trainer.data.train.num_samples)
@@ -173,6 +174,25 @@ def check_rng(saved) -> None:
             raise ValueError("rng cuda must hold one state per GPU")
         for i, s in enumerate(cuda):
             _check_tensor(s, torch.cuda.get_rng_state(0).shape, torch.uint8, "rng", f"cuda state {i}")
+
+
+def check_position_fields(state) -> None:
+    """The types of a checkpoint's position: whole numbers, numbers (test accuracies may be None),
+    a list of rows."""
+    if not isinstance(state, dict):
+        raise ValueError("position must be a mapping")
+    defaults = Position()
+    for name in ("epoch", "step", "global_step", "best_epoch"):
+        value = state.get(name, getattr(defaults, name))
+        if not is_int(value) or value < -1:
+            raise ValueError(f"position {name} must be an int, got {value!r}")
+    for name in ("best_val_acc", "train_time_s", "eval_time_s", "epoch_time_s", "test_acc", "test_top5_acc"):
+        value = state.get(name, getattr(defaults, name))
+        if not (value is None and name.startswith("test")) and (not _is_number(value) or math.isnan(value)):
+            raise ValueError(f"position {name} must be a number, got {value!r}")
+    history = state.get("history", [])
+    if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
+        raise ValueError("position history must be a list of rows")
 
 
 def check_position(pos: Position, steps_per_epoch: int) -> None:
