@@ -12,6 +12,7 @@ SCENARIO
        overwrite  --overwrite of a finished run (trained with another lr)
        restore    --overwrite interrupted by Ctrl-C before its first checkpoint, so that the old
                   run is moved back (kill mode only: a kill at each operation of the move)
+       resume     --resume of a run stopped by --max-steps inside its second epoch
 
 For every n from 1 to the number of operations of the undisturbed run, in ROOT/points/<n>/run,
 it runs the script (one fork of this process per run: torch is imported once), then the recovery
@@ -43,8 +44,10 @@ SCRIPT = os.path.join(ROOT, "fdnn_nsr.py")
 RUN = ["--dataset", "digits", "--batch-size", "128", "--lr", "0.05", "--momentum", "0.9", "--quiet"]
 # A new run trains 2 epochs (a kill in the second resumes into it), a replacing one 1 (its ops
 # after the first checkpoint are those of the new run's); the run replaced has another lr.
-EPOCHS = {"fresh": "2", "overwrite": "1", "restore": "1"}
-OLD = [*RUN, "--epochs", "1", "--lr", "0.02"]  # (argparse keeps the last --lr)
+EPOCHS = {"fresh": "2", "overwrite": "1", "restore": "1", "resume": "2"}
+OLD = {"overwrite": [*RUN, "--epochs", "1", "--lr", "0.02"],  # (argparse keeps the last --lr)
+       "restore": [*RUN, "--epochs", "1", "--lr", "0.02"],
+       "resume": [*RUN, "--epochs", "2", "--max-steps", "12"]}  # stopped in epoch 2, at its step 3
 WRITES = {"mkdir", "os.open", "open", "torch.save", "fsync", "rename", "replace"}
 
 
@@ -169,9 +172,9 @@ def main(root: str, mode: str, scenario: str) -> None:
     new = [*RUN, "--epochs", EPOCHS[scenario]]
     assert run([*new, "--out", straight], os.path.join(root, "straight.log"))["exit"] == 0
     command, signal_at = [*new, "--out", "OUT"], None
-    if scenario in ("overwrite", "restore"):
-        assert run([*OLD, "--out", old], os.path.join(root, "old.log"))["exit"] == 0
-        command.append("--overwrite")
+    if scenario != "fresh":
+        assert run([*OLD[scenario], "--out", old], os.path.join(root, "old.log"))["exit"] == 0
+        command.append("--resume" if scenario == "resume" else "--overwrite")
         signal_at = 3 if scenario == "restore" else None
 
     def prepared(n: int) -> str:

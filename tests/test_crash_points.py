@@ -160,3 +160,20 @@ def test_a_full_disk_at_each_write_of_an_overwrite_keeps_the_old_run_or_resumes(
         assert point["recovered"]["exit"] == 0, where
         assert_the_new_run(out, tmp_path / "straight", where)
     assert kept >= 10, kept
+
+
+@pytest.mark.parametrize("mode", ["kill", "enospc"])
+def test_a_resume_stopped_at_each_file_operation_still_ends_in_the_straight_run(tmp_path, mode):
+    """--resume of a run stopped inside epoch 2 (config.yaml rewritten, then each save): killed or
+    failing at any operation, the next --resume (what the line says) ends in the straight run."""
+    result = crash_points(tmp_path, mode, "resume")
+    assert len(result["points"]) >= (20 if mode == "kill" else 15)
+    for point in result["points"]:
+        where = _where(point)
+        if mode == "kill":
+            assert point["fault"]["exit"] == -9, where
+        else:
+            line = _failed_with_one_line(point)  # (the lock file is the one write before the checkpoint is read)
+            assert "continue with --resume" in line or "cannot write to output folder" in line, where
+        assert point["recovered"]["exit"] == 0, where
+        assert_the_new_run(tmp_path / "points" / str(point["n"]) / "run", tmp_path / "straight", where)
