@@ -63,17 +63,23 @@ def build_model(name: str, num_classes: int, in_shape: tuple[int, ...], *, dropo
     if not shape or not all(_is_positive_int(n) for n in shape):
         raise ValueError(f"model {name!r} cannot take input shape {shape}: every size must be a "
                          "positive integer; check the data set")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise ValueError(f"dropout must be a rate in [0, 1), got {dropout!r}")
+    check_dropout(name, dropout)
     if is_mlp(name):
         return MODELS[name](num_classes, shape, dropout)
     if len(shape) != 3:
         raise ValueError(f"model {name!r} needs images of shape (channels, height, width), got {shape}; "
                          f"use an MLP ({', '.join(MLP_HIDDEN)}) for flat inputs")
-    if dropout != 0:
+    return MODELS[name](num_classes, shape)
+
+
+def check_dropout(name: str, dropout: float) -> None:
+    """ValueError unless model `name` can take dropout rate `dropout`: a rate in [0, 1), and 0 for
+    the CNNs, which have no dropout layers."""
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be a rate in [0, 1), got {dropout!r}")
+    if dropout != 0 and not is_mlp(name):
         raise ValueError(f"dropout is only for MLPs ({', '.join(MLP_HIDDEN)}); model {name!r} has none: "
                          "set dropout to 0")
-    return MODELS[name](num_classes, shape)
 
 
 def is_mlp(name: str) -> bool:

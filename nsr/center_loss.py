@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .layer_outputs import LayerRegularizer
+from .layer_outputs import LayerRegularizer, real_arg
 
 __all__ = ["CenterLoss"]
 
@@ -42,8 +42,10 @@ class CenterLoss(LayerRegularizer):
         loss = F.cross_entropy(logits, y) + reg(y)  # the loss, then the centres move
 
     layers, lam, sync, check_labels, lambdas, last: as LayerRegularizer (nsr/layer_outputs.py).
-    alpha: the centres' rate, in [0, 1]. The centres are buffers centers_0, centers_1, ... (C x D,
-    in the layers' order), made at the first call or by load_state_dict; reg.centers(name) reads one.
+    alpha: the centres' rate, in [0, 1].
+    An empty batch (no samples) adds 0 and moves no centre, as NeuronSteadiness does.
+    The centres are buffers centers_0, centers_1, ... (C x D, in the layers' order), made at the
+    first call or by load_state_dict; reg.centers(name) reads one.
     """
 
     what = "center-loss"
@@ -51,13 +53,17 @@ class CenterLoss(LayerRegularizer):
     def __init__(self, model: nn.Module, layers: Mapping[str, float] | Iterable[str] | str, num_classes: int,
                  alpha: float = 0.5, lam: float = 1.0, sync: bool | None = None,
                  check_labels: bool | str = "auto"):
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-            raise ValueError(f"center loss alpha must be a number in [0, 1], got {alpha!r}")
+        alpha = real_arg("center-loss alpha", alpha, "in [0, 1]", high=1.0)
         super().__init__(model, layers, num_classes, lam, sync, check_labels)
-        self.alpha = float(alpha)
+        self.alpha = alpha
         for i in range(len(self.names)):
             self.register_buffer(f"centers_{i}", None)  # C x D, made when D is known
         self.register_load_state_dict_pre_hook(_check_loaded)
+
+    @property
+    def started(self) -> bool:
+        """Whether every layer's centres exist: made at the first step, or loaded from a state saved after one."""
+        return all(getattr(self, f"centers_{i}") is not None for i in range(len(self.names)))
 
     def centers(self, name: str | None = None) -> torch.Tensor:
         """The C x D centres of a layer (the first one by default)."""

@@ -1,6 +1,8 @@
 """What NSR and center loss share: forward hooks that keep named layers' outputs of a training-mode
-forward pass, the layers' λ, the checks of the labels the regularizer is called with, and the
-rules for `sync`, `check_labels` and `last` (the base class LayerRegularizer).
+forward pass (each acting only for the module it was registered on, so copies of the model are
+never regularized), the layers' λ, the one rule for numeric and boolean arguments, the checks of
+the labels the regularizer is called with, and the rules for `sync`, `check_labels` and `last`
+(the base class LayerRegularizer).
 
 This file imports torch only (as regularizer.py and center_loss.py, which use it).
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
+import weakref
 from collections.abc import Iterable, Mapping, MutableMapping
 
 import torch
@@ -50,6 +53,32 @@ def find_layers(model: nn.Module, names: Iterable[str], what: str = "NSR") -> li
     return list(found.values())
 
 
+class Capture:
+    """The forward hook on one layer: in training mode it keeps the layer's output in `captured`.
+
+    It acts only for the module it was registered on (held by a weak reference, so the hook does
+    not keep the model alive): a copy of the model (copy.deepcopy, e.g. an EMA or mean-teacher
+    model) carries a copy of the hook, and that copy, pickled through __reduce__ like torch.save
+    and pickle do, is inert. So a teacher's forward never overwrites the student's output, and a
+    model saved whole loads elsewhere without a live hook (and without the captured tensors)."""
+
+    def __init__(self, captured: dict | None = None, name: str = "", what: str = "",
+                 module: nn.Module | None = None):
+        self.captured, self.name, self.what = captured, name, what
+        self.module = weakref.ref(module) if module is not None else None
+
+    def __call__(self, module, inputs, output) -> None:
+        if self.module is None or module is not self.module() or not module.training:
+            return
+        output = output[0] if isinstance(output, (tuple, list)) else output
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f"{self.what} layer {self.name!r} returned {type(output).__name__}, not a tensor")
+        self.captured[self.name] = output
+
+    def __reduce__(self):
+        return Capture, (None, self.name, self.what)  # a copy captures nothing (see the docstring)
+
+
 class LayerOutputs:
     """Forward hooks on the named layers. take() hands over the outputs of the last training-mode
     forward pass as B x D tensors (per_channel: N x C x H x W averaged over H, W first), in float32
@@ -59,29 +88,17 @@ class LayerOutputs:
     def __init__(self, model: nn.Module, names: list[str], what: str, per_channel: bool = False):
         self.names, self.what, self.per_channel = names, what, per_channel
         self._captured: dict[str, torch.Tensor] = {}
-        self._handles = [module.register_forward_hook(self._hook(name))
+        self._handles = [module.register_forward_hook(Capture(self._captured, name, what, module))
                          for name, module in zip(names, find_layers(model, names, what))]
         self._unhooked: str | None = None  # why take() cannot work any more, once it cannot
 
-    def _hook(self, name: str):
-        captured, what = self._captured, self.what  # not self: the model's hooks keep nothing else alive
-
-        def hook(module, inputs, output):
-            if module.training:
-                output = output[0] if isinstance(output, (tuple, list)) else output
-                if not isinstance(output, torch.Tensor):
-                    raise TypeError(f"{what} layer {name!r} returned {type(output).__name__}, not a tensor")
-                captured[name] = output
-        return hook
-
-    def __deepcopy__(self, memo) -> LayerOutputs:
-        # The model's hooks write into the original's dict; a copy would wait for outputs forever.
-        copy = LayerOutputs.__new__(LayerOutputs)
-        copy.names, copy.what, copy.per_channel = list(self.names), self.what, self.per_channel
-        copy._captured, copy._handles = {}, []
-        copy._unhooked = (f"this {self.what} regularizer is a deep copy, and a deep copy of a regularizer "
-                          "has no hooks on the model; build a new one for the copied model")
-        return copy
+    def __getstate__(self) -> dict:
+        # What a copy of the regularizer gets (copy.deepcopy, pickle, torch.save): the model's hooks
+        # write into the original's dict, so a copy would wait for outputs forever; it says so.
+        return {"names": list(self.names), "what": self.what, "per_channel": self.per_channel,
+                "_captured": {}, "_handles": [],
+                "_unhooked": f"this {self.what} regularizer is a copy (copy.deepcopy, pickle or torch.save), "
+                             "and a copy has no hooks on the model; build a new one for the copied model"}
 
     def take(self) -> list[torch.Tensor]:
         if self._unhooked:
@@ -111,14 +128,53 @@ class LayerOutputs:
             self._unhooked = f"this {self.what} regularizer was removed: its hooks are gone; make a new one"
 
 
-def check_lambda(name: str, value, what: str) -> float:
-    """A layer's λ: an int or float (not a bool, not a string), finite and >= 0."""
+# One rule for every numeric and boolean argument of NeuronSteadiness, CenterLoss and
+# ClassMeanMemory: a number is anything numbers.Integral / numbers.Real says it is (Python's int
+# and float, numpy's int64 and float32, fractions), never a bool or a string; a flag is True or
+# False (numpy's bool too), never a string or a number that happens to be truthy.
+
+def _shown(value) -> str:
+    try:
+        return f"{value!r:.60}"
+    except ValueError:  # an int of more than 4,300 digits has no repr
+        return "an integer too large to print"
+
+
+def count_arg(what: str, value) -> int:
+    """A count: an integer (not a bool) >= 1, returned as an int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{what} must be a positive integer, got {_shown(value)}")
+    return int(value)
+
+
+def real_arg(what: str, value, bounds: str = ">= 0", low: float = 0.0, high: float = math.inf) -> float:
+    """A real number (not a bool or a string), finite and in [low, high], returned as a float."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"lambda for {what} layer {name!r} must be a number (int or float), got "
-                         f"{value!r} of type {type(value).__name__}")
-    if not (value >= 0 and math.isfinite(value)):
-        raise ValueError(f"lambda for {what} layer {name!r} must be a finite number >= 0, got {value!r}")
-    return float(value)
+        raise ValueError(f"{what} must be a number (int or float), got {_shown(value)} of type {type(value).__name__}")
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float's range
+        number = math.inf
+    if not (math.isfinite(number) and low <= number <= high):
+        raise ValueError(f"{what} must be a finite number {bounds}, got {_shown(value)}")
+    return number
+
+
+def flag_arg(what: str, value, also: tuple = ()) -> bool:
+    """True or False (numpy's bool too, recognised by its type so that numpy stays optional); the
+    values in `also` (e.g. None, "auto") are returned as they are."""
+    if any(value is v or (isinstance(value, str) and value == v) for v in also):
+        return value
+    if isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")):
+        return bool(value)
+    choices = [*map(repr, also), "True", "False"]
+    raise ValueError(f"{what} must be {', '.join(choices[:-1])} or {choices[-1]}, got {_shown(value)} of type "
+                     f"{type(value).__name__}")
+
+
+def check_lambda(name: str, value, what: str) -> float:
+    """A layer's λ: a real number, finite and >= 0."""
+    return real_arg(f"lambda for {what} layer {name!r}", value)
 
 
 class Lambdas(MutableMapping):
@@ -148,12 +204,6 @@ class Lambdas(MutableMapping):
 
     def __repr__(self) -> str:
         return repr(self._values)
-
-
-def positive_int(what: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{what} must be a positive integer, got {value!r}")
-    return value
 
 
 def check_label_tensor(y, zs: list[torch.Tensor], what: str) -> None:
@@ -212,15 +262,14 @@ class LayerRegularizer(nn.Module):
             layers = {name: lam for name in layers}
         if not layers:
             raise ValueError(f"{self.what} needs at least one layer name, e.g. layers={{'out': 0.5}}")
-        positive_int("num_classes", num_classes)
-        if not (isinstance(check_labels, bool) or check_labels == "auto"):
-            raise ValueError(f"check_labels must be True, False or 'auto', got {check_labels!r}")
-        if not (sync is None or isinstance(sync, bool)):
-            raise ValueError(f"sync must be None, True or False, got {sync!r}")
+        num_classes = count_arg("num_classes", num_classes)
+        check_labels = flag_arg("check_labels", check_labels, also=("auto",))
+        sync = flag_arg("sync", sync, also=(None,))
+        self.per_channel = flag_arg("per_channel", per_channel)
         self.names = list(layers)
         self.lambdas = layers
         self.num_classes, self.sync, self.check_labels = num_classes, sync, check_labels
-        self.outputs = LayerOutputs(model, self.names, self.what, per_channel)
+        self.outputs = LayerOutputs(model, self.names, self.what, self.per_channel)
         self._last: dict[str, torch.Tensor] = {}
         self._labels_checked = False
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .layer_outputs import LayerRegularizer, positive_int
+from .layer_outputs import LayerRegularizer, count_arg, flag_arg
 
 __all__ = ["NeuronSteadiness", "ClassMeanMemory", "steadiness_loss"]
 
@@ -35,6 +35,8 @@ def steadiness_loss(z: torch.Tensor, y: torch.Tensor, class_means: torch.Tensor,
     active: optional B x D mask (bool or 0/1); the mean is then over active entries only (0 if none).
     """
     target = class_means.detach().to(z.dtype).index_select(0, y)
+    if not z.numel():
+        return z.sum()  # an empty batch: 0 (F.mse_loss would give 0/0)
     if active is None:
         return F.mse_loss(z, target)  # 1/(B*D) * sum of squares
     mask = active.to(z.dtype)
@@ -51,14 +53,25 @@ class ClassMeanMemory(nn.Module):
         ptr     int        the slot the next batch overwrites (MoCo's queue_ptr)
 
     The class means are sums summed over the K slots / counts summed over the K slots (0 where
-    nothing was counted). The buffers are made at the first push, or by load_state_dict. `ptr` is
-    a plain int, so a step never reads a tensor back from a GPU (a host sync); get_extra_state
-    saves it in the state_dict (as a 0-d tensor), so a resumed run overwrites the same slot next.
+    nothing was counted). `ptr` is a plain int, so a step never reads a tensor back from a GPU (a
+    host sync); get_extra_state saves it in the state_dict (as a 0-d tensor), so a resumed run
+    overwrites the same slot next.
+
+    The buffers are made at the first push, when D is known, or by load_state_dict; until then
+    they are None and the state_dict holds only the pointer. torch's lazy modules
+    (LazyModuleMixin with UninitializedBuffer) do the same job but do not fit here: a lazy
+    module cannot be deep-copied before its first step (and a regularizer is, e.g. by the
+    training engine's checkpoint check), its state_dict then holds an UninitializedBuffer that
+    torch.load(weights_only=True) refuses, and once made, a lazy module cannot load a state
+    saved before the first step. What the lazy machinery would save is the first branch of _fit,
+    which makes the buffers, and the last lines of _check_loaded.
     """
 
     def __init__(self, num_classes: int, queue_batches: int, active_only: bool = False, layer: str = ""):
         super().__init__()
-        self.num_classes, self.queue_batches, self.active_only = num_classes, queue_batches, active_only
+        self.num_classes = count_arg("num_classes", num_classes)
+        self.queue_batches = count_arg("queue_batches (K)", queue_batches)
+        self.active_only = flag_arg("active_only", active_only)
         self.layer = layer  # its name in messages
         self.ptr = 0
         self.register_buffer("sums", None)
@@ -68,6 +81,27 @@ class ClassMeanMemory(nn.Module):
     def push(self, z: torch.Tensor, y: torch.Tensor, sync: bool = False) -> None:
         """Put one batch in the slot at `ptr`: z, B x D detached responses; y, B int64 labels.
         sync: all-reduce the slot, so every rank holds the class sums of the global batch."""
+        sums, counts = self.sums, self.counts
+        if sums is None or sums.shape[2] != z.shape[1] or sums.dtype != z.dtype or sums.device != z.device:
+            sums, counts = self._fit(z)
+        # Each sample adds to the sums of its class; with active_only only its entries > 0 count.
+        if self.active_only:
+            counted = (z > 0).to(z.dtype)
+            z = z * counted
+        else:
+            counted = z.new_ones(z.shape[0], 1)
+        sums, counts = sums[self.ptr].zero_(), counts[self.ptr].zero_()
+        sums.index_add_(0, y, z)
+        counts.index_add_(0, y, counted)
+        if sync:
+            dist.all_reduce(sums)
+            dist.all_reduce(counts)
+        # Moved last: after a failure above (a label out of range) the next push rewrites this slot.
+        self.ptr = (self.ptr + 1) % self.queue_batches
+
+    def _fit(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The buffers for responses like z: made at the first push; moved to z's device and dtype
+        when loaded elsewhere (e.g. on the CPU for a GPU run); refused for another width D."""
         if self.sums is None:
             K, C, D = self.queue_batches, self.num_classes, z.shape[1]
             self.sums = z.new_zeros(K, C, D)
@@ -76,18 +110,9 @@ class ClassMeanMemory(nn.Module):
             raise ValueError(f"NSR layer {self.layer!r} gives {z.shape[1]} neurons, but its memory holds "
                              f"{self.sums.shape[2]}: the memory needs a fixed response size (a changed input "
                              "size? use per_channel=True), and a loaded state must come from the same layers")
-        elif self.sums.device != z.device or self.sums.dtype != z.dtype:
-            self.to(device=z.device, dtype=z.dtype)  # e.g. loaded on the CPU, used on a GPU
-        # Each sample adds to the sums of its class; with active_only only its entries > 0 count.
-        counted = (z > 0).to(z.dtype) if self.active_only else z.new_ones(z.shape[0], 1)
-        sums, counts = self.sums[self.ptr], self.counts[self.ptr]
-        sums.zero_().index_add_(0, y, z * counted if self.active_only else z)
-        counts.zero_().index_add_(0, y, counted)
-        if sync:
-            dist.all_reduce(sums)
-            dist.all_reduce(counts)
-        # Moved last: after a failure above (a label out of range) the next push rewrites this slot.
-        self.ptr = (self.ptr + 1) % self.queue_batches
+        else:
+            self.to(device=z.device, dtype=z.dtype)
+        return self.sums, self.counts
 
     def means(self) -> torch.Tensor:
         """The C x D class means over the K slots (0 for a class, or entry, never counted)."""
@@ -111,22 +136,39 @@ class ClassMeanMemory(nn.Module):
 
 
 def _check_loaded(memory: ClassMeanMemory, state_dict, prefix, *args) -> None:
-    """load_state_dict pre-hook: refuse sums and counts of other shapes; give a memory that has
-    not made a step the saved shapes (or drop the buffers, when the state was saved before one)."""
+    """load_state_dict pre-hook: check the saved sums and counts as the memory itself would have
+    made them (shapes, a floating dtype, finite sums, whole counts >= 0, sums 0 where nothing was
+    counted), so that a damaged memory is refused here instead of failing, or quietly changing
+    the loss, steps later. Then give a memory that has not made a step the saved shapes, or drop
+    the buffers when the state was saved before the first step (a pointer at 0, nothing else)."""
     sums, counts = state_dict.get(prefix + "sums"), state_dict.get(prefix + "counts")
+    where = f"NSR memory {prefix!r} of layer {memory.layer!r}"
     if sums is None and counts is None:
+        ptr = state_dict.get(prefix + "_extra_state")
+        if isinstance(ptr, torch.Tensor) and ptr.numel() == 1 and ptr.item() != 0:
+            raise ValueError(f"{where}: its saved pointer is {ptr.item()} but it has no sums and counts; a memory "
+                             "saved after a step has both (load the complete state)")
         memory.sums = memory.counts = None
         return
     K, C, active = memory.queue_batches, memory.num_classes, memory.active_only
     shapes = tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in (sums, counts))
     D = shapes[0][2] if shapes[0] is not None and len(shapes[0]) == 3 else -1
     if shapes != ((K, C, D), (K, C, D if active else 1)):
-        raise ValueError(f"NSR memory {prefix!r} of layer {memory.layer!r}: saved sums and counts of shapes "
-                         f"{shapes[0]} and {shapes[1]} do not fit queue_batches={K}, num_classes={C}, "
-                         f"active_only={active} (sums K x C x D, counts K x C x {'D' if active else 1})")
+        raise ValueError(f"{where}: saved sums and counts of shapes {shapes[0]} and {shapes[1]} do not fit "
+                         f"queue_batches={K}, num_classes={C}, active_only={active} (sums K x C x D, counts "
+                         f"K x C x {'D' if active else 1})")
+    if not (sums.is_floating_point() and counts.is_floating_point()):
+        raise ValueError(f"{where}: saved sums and counts are {sums.dtype} and {counts.dtype}; the memory holds "
+                         "floating-point tensors (float32 or float64)")
+    if not torch.isfinite(sums).all():
+        raise ValueError(f"{where}: its saved sums hold NaN or infinite values")
+    if not (torch.isfinite(counts).all() and (counts >= 0).all() and (counts == counts.round()).all()):
+        raise ValueError(f"{where}: its saved counts must be whole numbers >= 0")
+    if ((counts == 0) & (sums != 0)).any():
+        raise ValueError(f"{where}: its saved sums are not 0 where nothing was counted")
     if memory.sums is not None and memory.sums.shape[2] != D:
-        raise ValueError(f"NSR memory {prefix!r}: saved for {D} neurons, but layer {memory.layer!r} "
-                         f"gives {memory.sums.shape[2]}: load it into the same layers of the same model")
+        raise ValueError(f"NSR memory {prefix!r}: saved for {D} neurons, but layer {memory.layer!r} gives "
+                         f"{memory.sums.shape[2]}: load it into the same layers of the same model")
     if memory.sums is None:
         memory.sums, memory.counts = torch.zeros_like(sums), torch.zeros_like(counts)
 
@@ -141,21 +183,30 @@ class NeuronSteadiness(LayerRegularizer):
     layers, lam, sync, check_labels, lambdas, last: as LayerRegularizer (nsr/layer_outputs.py),
         e.g. a λ warm-up over 5 epochs: reg.lambdas["out"] = 7.4865 * min(1.0, (epoch + 1) / 5)
     queue_batches: K, how many recent batches (the current one included) estimate the class means.
+        The default, 5, is the paper's MLP setting: each class mean then comes from about 5·B/C
+        samples instead of B/C (50 instead of 10 at batch 100 on 10 classes, and a class with 2
+        samples in a batch is not pulled toward the mean of those 2 alone), a steadier target;
+        with K = 1 the term is only the batch's own intra-class variance. A larger K costs
+        K x C x D floats per layer and a sum over them each step. The paper's CNN configs use
+        K = 1 (configs/resnet18_cifar10.yaml): pass queue_batches=1 to follow them.
     active_only: class means and loss use only entries > 0 (the original code's ReLU layers).
     per_channel: average N x C x H x W outputs over H, W first, so each channel is one neuron.
     Each layer has a ClassMeanMemory, in reg.memories (in the layers' order).
+    An empty batch (no samples) adds 0 and leaves the memory as it was, as CenterLoss does; under
+    sync every rank still takes part in the all-reduce (another rank's batch may not be empty).
     """
 
     what = "NSR"
 
     def __init__(self, model: nn.Module, layers: Mapping[str, float] | Iterable[str] | str,
-                 num_classes: int, queue_batches: int = 1, active_only: bool = False,
+                 num_classes: int, queue_batches: int = 5, active_only: bool = False,
                  per_channel: bool = False, lam: float = 1.0, sync: bool | None = None,
                  check_labels: bool | str = "auto"):
-        positive_int("queue_batches (K)", queue_batches)
+        queue_batches = count_arg("queue_batches (K)", queue_batches)
+        active_only = flag_arg("active_only", active_only)
         super().__init__(model, layers, num_classes, lam, sync, check_labels, per_channel)
-        self.queue_batches, self.active_only, self.per_channel = queue_batches, bool(active_only), per_channel
-        self.memories = nn.ModuleList(ClassMeanMemory(num_classes, queue_batches, self.active_only, name)
+        self.queue_batches, self.active_only = queue_batches, active_only
+        self.memories = nn.ModuleList(ClassMeanMemory(self.num_classes, queue_batches, active_only, name)
                                       for name in self.names)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
@@ -164,12 +215,20 @@ class NeuronSteadiness(LayerRegularizer):
         total = None
         for name, z, memory in zip(self.names, zs, self.memories):
             detached = z.detach()
-            memory.push(detached, y, self.sync)  # the current batch is one of the K
-            loss = steadiness_loss(z, y, memory.means(), detached > 0 if self.active_only else None)
+            if len(y) or self.sync:
+                memory.push(detached, y, self.sync)  # the current batch is one of the K
+                loss = steadiness_loss(z, y, memory.means(), detached > 0 if self.active_only else None)
+            else:
+                loss = z.sum()  # an empty batch: 0, and nothing to remember
             self._last[name] = loss.detach()
             weighted = self.lambdas[name] * loss
             total = weighted if total is None else total + weighted
         return total
+
+    @property
+    def started(self) -> bool:
+        """Whether every layer's memory exists: made at the first step, or loaded from a state saved after one."""
+        return all(memory.sums is not None for memory in self.memories)
 
     def class_means(self, name: str | None = None) -> torch.Tensor:
         """Current class means (C x D) of a layer (the first one by default)."""

@@ -29,7 +29,7 @@ def test_each_option_runs_through_the_script_and_is_recorded(tmp_path):
            "--label-smoothing", "0.1", "--dropout", "0.2", "--lambda", "0.5", "--out", str(out))
     m = json.loads((out / "metrics.json").read_text())
     assert (m["regularizer"], m["center_alpha"], m["label_smoothing"], m["dropout"]) == ("center", 0.3, 0.1, 0.2)
-    assert m["lambda"] == [0.5] and m["nsr_layers"] == ["out"]
+    assert m["lambda"] == [0.5] and m["regularized_layers"] == ["out"]
     assert m["partial_epoch"]["nsr_loss"] > 0, "the center loss is reported in the nsr_loss column"
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert (saved["regularizer"], saved["center_alpha"], saved["label_smoothing"], saved["dropout"]) == \

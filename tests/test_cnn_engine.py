@@ -28,7 +28,7 @@ def test_cnn_script_runs_each_config_on_fake_data(tmp_path, config):
     assert "stopped by --max-steps in epoch 1 at step 2/8" in result.out
     m = json.loads((out / "metrics.json").read_text())
     assert m["num_params"] == PARAMS[config]
-    assert (m["global_steps"], m["finished"], m["regularizer"], m["nsr_layers"]) == (2, False, "nsr", ["fc"])
+    assert (m["global_steps"], m["finished"], m["regularizer"], m["regularized_layers"]) == (2, False, "nsr", ["fc"])
     # 2 of the epoch's 8 steps: reported apart, the epoch stays open in last.pt
     assert m["history"] == [] and m["epochs"] == 0
     row = m["partial_epoch"]

@@ -17,7 +17,7 @@ from models import build_model
 from nsr.train.checkpoint import load_checkpoint
 from nsr.train.config import parse_args
 from nsr.train.engine import train
-from tests.helpers import DIGITS, DIGITS_EPOCHS, MLP4, assert_error, outcome, run_in_process, without_times
+from tests.helpers import DIGITS, DIGITS_EPOCHS, MLP4, STEPS_PER_EPOCH, assert_error, outcome, run_in_process, without_times
 
 
 def check_every_output(out, m, nsr, epochs):
@@ -171,3 +171,31 @@ def test_train_time_counts_training_steps_only(tmp_path, monkeypatch):
     assert [r["epoch_time_s"] for r in m["history"]] == [36.0, 36.0]
     assert m["train_time_s"] == 72.0, "evaluations are not training time"
     assert evaluations[0] >= 3 and m["eval_time_s"] == 100.0 * evaluations[0]  # validation twice, test at least once
+
+
+def test_best_on_tie_picks_the_first_or_the_latest_epoch_of_the_best_validation(tmp_path, monkeypatch):
+    """Scripted validation accuracies 50, 60, 60, 55 (the test accuracy is 70 + the epoch): the
+    first epoch of the best is 2, the latest (the original code's >=) is 3, and a resume of a
+    'latest' run keeps its best epoch."""
+    calls = {"val": 0, "test": 0}
+
+    def scripted(trainer, batches):
+        if batches is trainer.data.val:
+            calls["val"] += 1
+            return [50.0, 60.0, 60.0, 55.0][(calls["val"] - 1) % 4], 99.0
+        calls["test"] += 1
+        return 70.0 + trainer.pos.epoch + 1, 99.0  # pos.epoch counts finished epochs
+
+    monkeypatch.setattr(engine, "evaluate", scripted)
+    for rule, best in (("first", 2), ("latest", 3)):
+        calls["val"] = 0
+        out = str(tmp_path / rule)
+        args = (*DIGITS, "--epochs", "4", "--out", out, "--best-on-tie", rule)
+        # stopped after epoch 3, then resumed: the saved best epoch passes the checkpoint's checks
+        stopped = run_in_process("fdnn_nsr.py", *args, "--max-steps", str(3 * STEPS_PER_EPOCH))
+        assert stopped.code == 0, stopped.err
+        result = run_in_process("fdnn_nsr.py", *args, "--resume")
+        assert result.code == 0, result.err
+        with open(os.path.join(out, "metrics.json")) as f:
+            m = json.load(f)
+        assert (m["best_epoch"], m["best_val_acc"], m["test_acc"]) == (best, 60.0, 70.0 + best)

@@ -15,7 +15,7 @@ NNI_MLP4 = os.path.join(ROOT, "configs", "nni", "mlp4.yml")
 CASES = {  # entry point -> (arguments, run in a scratch folder, fragments of the error line)
     "fdnn_vanilla.py": (["--config", "bad.yaml"], ["is not valid YAML at line 2"]),
     "fdnn_nsr.py": (["--dataset", "digits", "--lamda", "3"], ["unknown option --lamda; did you mean --lambda?"]),
-    "cnn_nsr.py": (["--lambda", "nan"], ["lambda must be finite and >= 0, got nan"]),
+    "cnn_nsr.py": (["--lambda", "nan"], ["lambda for NSR layer 'fc' must be a finite number >= 0, got nan"]),
     "-m nsr search": ([NNI_MLP4, "--max-trials", "0", "--out", "out"], ["--max-trials must be at least 1, got 0"]),
     "-m nsr reproduce": (["--out", "out", "--models", "mlp4", "--seeds", "0"], ["--seeds must be between 1"]),
     "-m nsr compare": (["--out", "out", "--jobs", "0"], ["--jobs must be at least 1, got 0"]),

@@ -9,9 +9,10 @@ Where each failure mode is tested (checks that already live elsewhere are refere
                                           ::test_bad_yaml_keys_and_types
   lambda negative / NaN / inf             test_config.py::test_bad_command_line_is_one_clear_error;
                                           here lambda nan through cnn_nsr.py (lambda-nan)
-  lambda count != NSR layers              test_config.py::test_bad_command_line_is_one_clear_error
+  lambda count != regularized layers      test_config.py::test_bad_command_line_is_one_clear_error
   unknown model / data set                test_config.py::test_bad_command_line_is_one_clear_error
-  unknown NSR layer (closest names)       here (nsr-layer)
+  unknown NSR layer (closest names)       here (unknown-layer)
+  a layer named twice                     here (layer-twice), refused by the library
   --data-dir missing, download impossible here (offline), nothing created in --data-dir
   --data-dir incomplete                   test_data.py::test_incomplete_folder_names_the_missing_files;
                                           here (incomplete-data-dir)
@@ -137,11 +138,15 @@ def _file(tmp_path, name, text):
 CASES = {
     "unknown-flag": ("fdnn_nsr.py", lambda t, r: [*DIGITS, "--lamda", "3"],
                      ["unknown option --lamda; did you mean --lambda?"]),
-    "lambda-nan": ("cnn_nsr.py", lambda t, r: ["--lambda", "nan"], ["lambda must be finite and >= 0, got nan"]),
+    "lambda-nan": ("cnn_nsr.py", lambda t, r: ["--lambda", "nan"], ["lambda for NSR layer 'fc' must be a finite number >= 0, got nan"]),
     "invalid-yaml": ("fdnn_vanilla.py", lambda t, r: ["--config", _file(t, "bad.yaml", "lr: 0.1\nepochs: [1, 2\n")],
                      ["is not valid YAML at line 3"]),
-    "nsr-layer": ("fdnn_nsr.py", lambda t, r: [*DIGITS, "--nsr-layers", "outt"],
+    "unknown-layer": ("fdnn_nsr.py", lambda t, r: [*DIGITS, "--regularized-layers", "outt"],
                   ["NSR layer 'outt' is not a module of the model", "closest valid names: out"]),
+    "layer-twice": ("fdnn_nsr.py", lambda t, r: [*DIGITS, "--regularizer", "center", "--regularized-layers", "out",
+                                                 "fc3", "out", "--lambda", "1", "2", "3"],
+                    ["center-loss layer 'out' is named twice; name each layer once",
+                     "(regularized_layers in the config, or --regularized-layers)"]),
     "offline": ("fdnn_nsr.py", lambda t, r: ["--dataset", "mnist", "--data-dir", str(t / "empty"), "--quiet"],
                 ["mnist not found", "cannot be downloaded: no network", "--dataset digits"]),
     "out-under-a-file": ("fdnn_nsr.py", lambda t, r: [*DIGITS, "--out", os.path.join(_file(t, "a-file", "x"), "sub")],
@@ -165,7 +170,7 @@ CASES = {
                        ["not enough memory", "lower --batch-size, --eval-batch-size, --queue-batches or --fake-size"]),
     "per-channel-2d": ("fdnn_nsr.py", lambda t, r: [*DIGITS, "--per-channel"],
                        ["per_channel averages N x C x H x W outputs", "(out) give N x D"]),
-    "nsr-on-input": ("fdnn_nsr.py", lambda t, r: [*DIGITS, "--nsr-layers", "flatten"],
+    "nsr-on-input": ("fdnn_nsr.py", lambda t, r: [*DIGITS, "--regularized-layers", "flatten"],
                      ["NSR layer 'flatten' has no trainable parameters before it"]),
     "incomplete-data-dir": ("fdnn_nsr.py", lambda t, r: ["--dataset", "mnist", "--data-dir", _idx_folder(t, "incomplete"),
                                                          "--quiet"],
@@ -210,7 +215,7 @@ def test_bad_input_is_one_line_and_changes_nothing(digits_reference, tmp_path, c
 def test_overwrite_that_cannot_start_keeps_the_finished_run(digits_reference):
     out = digits_reference[0]
     before = fingerprint(out)
-    assert_error(run_in_process("fdnn_nsr.py", *REF, "--out", out, "--overwrite", "--nsr-layers", "outt"),
+    assert_error(run_in_process("fdnn_nsr.py", *REF, "--out", out, "--overwrite", "--regularized-layers", "outt"),
                  "NSR layer 'outt'")
     assert fingerprint(out) == before
 
@@ -433,5 +438,5 @@ def test_resume_without_a_checkpoint_says_so_even_when_quiet_and_stale_temporari
 
 def test_resume_without_a_checkpoint_and_a_bad_setting_is_one_error_line(tmp_path):
     assert_error(run_in_process("fdnn_nsr.py", *DIGITS, "--out", str(tmp_path / "new"), "--resume",
-                                "--nsr-layers", "outt"), "NSR layer 'outt'")
+                                "--regularized-layers", "outt"), "NSR layer 'outt'")
     assert not (tmp_path / "new").exists()

@@ -10,6 +10,7 @@ import copy
 import gc
 import io
 import math
+import pickle
 import weakref
 
 import pytest
@@ -877,14 +878,15 @@ def test_a_removed_regularizer_says_so(cls, what):
 
 
 @pytest.mark.parametrize("cls,what", BOTH)
-def test_a_deep_copy_says_it_has_no_hooks(cls, what):
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_of_the_regularizer_says_it_has_no_hooks(cls, what, how):
     model = MLP(4, [3], 2)
     reg = cls(model, {"out": 0.5, "fc1": 1.0}, num_classes=2)
     _step(model, reg)
-    twin = copy.deepcopy(reg)
+    twin = copy.deepcopy(reg) if how == "deepcopy" else pickle.loads(pickle.dumps(reg))
     assert all(torch.equal(v, twin.state_dict()[k]) for k, v in reg.state_dict().items())
-    with pytest.raises(ValueError, match=rf"^this {what} regularizer is a deep copy, and a deep copy of a regularizer "
-                                         r"has no hooks on the model; build a new one for the copied model$"):
+    with pytest.raises(ValueError, match=rf"^this {what} regularizer is a copy \(copy.deepcopy, pickle or torch.save\), "
+                                         r"and a copy has no hooks on the model; build a new one for the copied model$"):
         _step(model, twin)
     assert math.isfinite(reg(torch.tensor([0, 1, 1, 0, 1, 0])).item())  # the original still has its hooks
     twin.remove()

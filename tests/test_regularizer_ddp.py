@@ -56,20 +56,36 @@ def run_steps(model, reg, batches, part):
     return out
 
 
-def worker(rank, world, port, queue):
+def parts(rank, world, empty_step):
+    """Each step's share of the batch for `rank`: halves, except that at `empty_step` rank 0 takes
+    the whole batch and rank 1 none."""
+    half = BATCH // world
+    return [(slice(None) if rank == 0 else slice(0, 0)) if step == empty_step else
+            slice(rank * half, (rank + 1) * half) for step in range(STEPS)]
+
+
+def run_parts(model, reg, batches, shares):
+    out = []
+    for (x, y), part in zip(batches, shares):
+        out += run_steps(model, reg, [(x, y)], part)
+    return out
+
+
+def worker(rank, world, port, queue, empty_step=None):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
         model = nn.parallel.DistributedDataParallel(make_model())
         # Names without the "module." prefix work on the wrapped model; sync defaults to on.
         reg = NeuronSteadiness(model, LAMS, num_classes=C, queue_batches=K)
-        half = BATCH // world
-        results = run_steps(model, reg, make_batches(), slice(rank * half, (rank + 1) * half))
+        results = run_parts(model, reg, make_batches(), parts(rank, world, empty_step))
         totals = torch.stack([r[0] for r in results])
-        dist.all_reduce(totals)  # sum over ranks; the test divides by world
+        if empty_step is None:
+            dist.all_reduce(totals)  # sum over ranks; the test divides by world
+            totals /= world
+        # else each rank's own totals: the empty one's is 0 at that step
         # Plain lists: tensors would travel as shared-memory handles that die with this process.
-        queue.put((rank, (totals / world).tolist(),
-                   [{name: m.tolist() for name, m in r[2].items()} for r in results]))
+        queue.put((rank, totals.tolist(), [{name: m.tolist() for name, m in r[2].items()} for r in results]))
         del model, reg
     finally:
         gc.collect()  # see below: free the DDP wrapper first
@@ -117,3 +133,35 @@ def test_two_gloo_ranks_match_one_process_on_the_whole_batch():
             for name in LAMS:
                 got = torch.tensor(got_means[name], dtype=torch.float64)
                 assert torch.allclose(got, want_means[name], rtol=1e-10, atol=1e-12), (rank, step, name)
+
+
+@pytest.mark.slow  # two spawned processes
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_a_rank_with_an_empty_batch_joins_the_all_reduce_and_adds_zero():
+    """Rank 1 gets no sample at step 2 and rank 0 the whole batch: both still hold the whole
+    batch's class means at every step (no deadlock, no slot skipped on one rank only), rank 1's
+    term is 0 there, and rank 0's is the one-process term."""
+    model = make_model()
+    reg = NeuronSteadiness(model, LAMS, num_classes=C, queue_batches=K)
+    expected = run_steps(model, reg, make_batches(), slice(None))
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=worker, args=(rank, 2, port, queue, 2), daemon=True) for rank in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        results = dict((r[0], r[1:]) for r in [queue.get(timeout=60) for _ in range(2)])
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    assert results[1][0][2] == 0.0
+    assert results[0][0][2] == pytest.approx(expected[2][0].item(), rel=1e-10)
+    for rank, (_, means) in results.items():
+        for step, want in enumerate(expected):
+            for name in LAMS:
+                got = torch.tensor(means[step][name], dtype=torch.float64)
+                assert torch.allclose(got, want[2][name], rtol=1e-10, atol=1e-12), (rank, step, name)

@@ -38,7 +38,7 @@ FAKE_TRAINER = textwrap.dedent('''
         f.write(json.dumps({"variant": variant, "seed": cfg.seed, "resume": cfg.resume,
                             "overwrite": cfg.overwrite, "lambda": cfg.lambda_ if (cfg.regularizer != "none") else None,
                             "epochs": cfg.epochs, "dataset": cfg.dataset, "argv": sys.argv[1:],
-                            "queue_batches": cfg.queue_batches, "nsr_layers": cfg.nsr_layers}) + "\\n")
+                            "queue_batches": cfg.queue_batches, "regularized_layers": cfg.regularized_layers}) + "\\n")
     if os.environ.get("FAKE_FAIL") == f"{variant}{cfg.seed}":
         print("Traceback (most recent call last):\\nRuntimeError: boom", file=sys.stderr)
         sys.exit(3)
@@ -147,8 +147,8 @@ def test_runs_skips_and_reruns_only_missing(fake_repo, tmp_path, capsys):
     # vanilla: 3.0, 3.1 -> 3.05 ± 0.0707; NSR: 2.0, 2.05 -> 2.025 ± 0.0354
     # gain (3.05 - 2.025)/3.05 = 33.61%; d = (1.0, 1.05): t = 1.025/(0.0354/sqrt 2) = 41,
     # df 1: p = 1 - 2/pi*atan(41) = 0.0155
-    assert "| Vanilla       | 3.05±0.07 |" in table
-    assert "| Vanilla + NSR | 2.02±0.04 |" in table or "| Vanilla + NSR | 2.03±0.04 |" in table
+    assert _table_cells(out)["Vanilla"] == ["3.05±0.07"]
+    assert _table_cells(out)["Vanilla + NSR"] in (["2.02±0.04"], ["2.03±0.04"])
     assert "33.61%" in table
     assert stats.format_pvalue(1 - 2 / math.pi * math.atan(41)) in table
     assert (out / "table.csv").read_text().splitlines()[0] == "Model,MLP-4"
@@ -230,10 +230,10 @@ def test_commands_lambda_from_extra_and_cnn(fake_repo, tmp_path, capsys):
     repo, calls = fake_repo
     out = tmp_path / "out"
     best = tmp_path / "best.json"
-    best.write_text(json.dumps({"parameters": {"lambda": 0.25, "nsr_layer": "out"}, "value": 97.1}))
+    best.write_text(json.dumps({"parameters": {"lambda": 0.25, "regularized_layer": "out"}, "value": 97.1}))
     best6 = tmp_path / "best6.json"
     best6.write_text(json.dumps({"parameters": {"lambda": [0.1, 0.2], "queue_batches": 10,
-                                                "nsr_layers": ["fc4", "out"]}}))
+                                                "regularized_layers": ["fc4", "out"]}}))
     assert _main(repo, out, "--models", "mlp4", "mlp6", "resnet18_cifar10", "--seeds", "1",
                  "--lambda-from", str(best), f"mlp6={best6}", "--dataset", "digits",
                  "--extra", "--max-steps 5", "--dry-run") == 0
@@ -243,11 +243,11 @@ def test_commands_lambda_from_extra_and_cnn(fake_repo, tmp_path, capsys):
     nsr = {m: next(l for l in lines if f"{m}.yaml" in l and "--regularizer nsr" in l)
            for m in ("mlp4", "mlp6", "resnet18_cifar10")}
     assert "fdnn_nsr.py" in nsr["mlp4"] and "cnn_nsr.py" in nsr["resnet18_cifar10"]
-    assert "--lambda 0.25 --nsr-layers out" in nsr["mlp4"] and "--dataset digits" in nsr["mlp4"]
+    assert "--lambda 0.25 --regularized-layers out" in nsr["mlp4"] and "--dataset digits" in nsr["mlp4"]
     assert nsr["mlp4"].endswith("--max-steps 5")
     assert all(l.count("--regularizer") == 1 for l in lines)
     assert "--lambda 0.1 0.2" in nsr["mlp6"]
-    assert "--queue-batches 10" in nsr["mlp6"] and "--nsr-layers fc4 out" in nsr["mlp6"]
+    assert "--queue-batches 10" in nsr["mlp6"] and "--regularized-layers fc4 out" in nsr["mlp6"]
     vanilla = [l for l in lines if "--regularizer none" in l]
     assert len(vanilla) == 3 and all("--lambda" not in l and "--queue" not in l for l in vanilla)
 
@@ -349,6 +349,38 @@ def test_report_on_fabricated_runs(tmp_path, capsys):
     assert report.display_name("vgg19_cifar10") == "VGG-19"
 
 
+def test_a_variant_from_the_command_line_trains_beside_vanilla_and_nsr(fake_repo, tmp_path):
+    repo, calls = fake_repo
+    out = tmp_path / "out"
+    spec = 'last2=--regularized-layers relu2 out --lambda 0.5 0.25'
+    assert _main(repo, out, "--models", "mlp4", "--seeds", "1", "--variant", spec,
+                 "--variant", "smooth=--regularizer none --label-smoothing 0.1") == 0
+    by_folder = {Path(c["argv"][c["argv"].index("--out") + 1]).parent.name: c for c in _calls(calls)}
+    assert sorted(by_folder) == ["last2", "nsr", "smooth", "vanilla"]
+    assert by_folder["last2"]["regularized_layers"] == ["relu2", "out"] and by_folder["last2"]["lambda"] == [0.5, 0.25]
+    assert by_folder["smooth"]["variant"] == "vanilla" and "--label-smoothing" in by_folder["smooth"]["argv"]
+    assert set(_table_cells(out)) >= {"last2", "smooth", "Gain: last2", "p-value: smooth"}
+    # the same command again trains nothing: every run, the added ones too, is finished
+    assert _main(repo, out, "--models", "mlp4", "--seeds", "1", "--variant", spec,
+                 "--variant", "smooth=--regularizer none --label-smoothing 0.1") == 0
+    assert len(_calls(calls)) == 4
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("last2", "expected NAME=FLAGS"),
+    ("nsr=--lambda 1", "expected NAME=FLAGS"),
+    ("../up=--lambda 1", "expected NAME=FLAGS"),
+    ("k=--seed 3", "--variant k must not set --seed"),
+    ('q=--lambda "1', "No closing quotation"),
+    ("typo=--lamda 1", "typo"),
+])
+def test_a_bad_variant_is_one_error_line_before_anything_runs(fake_repo, tmp_path, spec, message):
+    repo, calls = fake_repo
+    result = _cli("-m nsr reproduce", "--repo", str(repo), "--out", str(tmp_path / "out"), "--models", "mlp4",
+                  "--variant", spec)
+    assert message in result.err and not _calls(calls) and not (tmp_path / "out").exists()
+
+
 def test_report_reads_the_committed_fashion_mnist_layout(tmp_path):
     """The Fashion-MNIST runs of RESULTS.md (run folders are not committed; their per-seed numbers
     are, in summary.json): run folders rebuilt from them give the committed table, digit for digit."""
@@ -366,6 +398,35 @@ def test_report_reads_the_committed_fashion_mnist_layout(tmp_path):
     want = [l for l in (committed / "table.md").read_text().splitlines() if l.startswith("|")]
     got = [l for l in (out / "table.md").read_text().splitlines() if l.startswith("|")]
     assert got == want and len(got) == 6
+
+
+def _table_cells(out):
+    """{row label: [cell, ...]} of OUT/table.md."""
+    rows = [line.split("|")[1:-1] for line in (out / "table.md").read_text().splitlines() if line.startswith("|")]
+    return {row[0].strip(): [cell.strip() for cell in row[1:]] for row in rows}
+
+
+def test_report_on_the_papers_data_puts_the_papers_rows_beside_ours(tmp_path):
+    """MLP-4 and MLP-10 on MNIST get the paper's rows (its README's figures, the gain recomputed by
+    hand); a column on another data set gets "—", and a table with no such column no paper rows."""
+    out = tmp_path / "mnist"
+    for model, dataset in (("mlp4", "mnist"), ("mlp10", "mnist"), ("mlp6", "fashion-mnist")):
+        for variant, errors in (("vanilla", (2.4, 2.3)), ("nsr", (1.7, 1.6))):
+            for seed, error in enumerate(errors):
+                folder = report.run_dir(out, model, variant, seed)
+                folder.mkdir(parents=True)
+                (folder / "metrics.json").write_text(json.dumps(
+                    {"finished": True, "dataset": dataset, "test_error": error}))
+    _cli("-m nsr report", str(out), expect=0)
+    cells = _table_cells(out)
+    assert cells["Model"] == ["MLP-4", "MLP-6", "MLP-10"]
+    assert cells["Vanilla"] == ["2.35±0.07"] * 3
+    assert cells["Vanilla (paper)"] == ["2.29±0.07", "—", "3.06±0.06"]
+    assert cells["Vanilla + NSR (paper)"] == ["1.64±0.04", "—", "1.72±0.14"]
+    # (2.29 - 1.64) / 2.29 and (3.06 - 1.72) / 3.06: the paper's own 28.38 % and 43.79 %
+    assert cells["Gain (paper)"] == ["28.38%", "—", "43.79%"]
+    _cli("-m nsr report", str(out), "--models", "mlp6", expect=0)
+    assert "paper" not in (out / "table.md").read_text()
 
 
 # ------------------------------------------------------------------------------- bad input

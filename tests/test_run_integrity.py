@@ -497,14 +497,14 @@ def test_a_search_config_with_a_key_given_twice_is_refused(tmp_path):
 @pytest.mark.parametrize("argv, fragment", [
     (["--regularizer", "nsr"], "--regularizer nsr: this script always trains with regularizer 'none'"),
     (["--regularizer", "center"], "--regularizer center: this script always trains with regularizer 'none'"),
-    (["--lambda", "3"], "--lambda has no effect here: a run with regularizer 'none' (vanilla) has no regularizer"),
-    (["--nsr-layers", "fc1"], "--nsr-layers has no effect here"),
+    (["--lambda", "3"], "--lambda has no effect here: only --regularizer nsr or center uses it (this run: none); drop it"),
+    (["--regularized-layers", "fc1"], "--regularized-layers has no effect here"),
     (["--queue-batches", "3"], "--queue-batches has no effect here"),
     (["--active-only"], "--active-only has no effect here"),
     (["--no-per-channel"], "--per-channel has no effect here"),
     (["--center-alpha", "0.3"], "--center-alpha has no effect here"),
     (["--config", "REGULARIZED_YAML"], "sets regularizer: center: this script always trains with regularizer 'none'"),
-], ids=["regularizer-nsr", "regularizer-center", "lambda", "nsr-layers", "queue-batches", "active-only",
+], ids=["regularizer-nsr", "regularizer-center", "lambda", "regularized-layers", "queue-batches", "active-only",
         "no-per-channel", "center-alpha", "yaml-regularizer"])
 def test_the_vanilla_script_refuses_a_regularizer_and_its_settings(tmp_path, capsys, monkeypatch, argv, fragment):
     if argv[-1] == "REGULARIZED_YAML":
@@ -518,9 +518,9 @@ def test_the_vanilla_script_refuses_a_regularizer_and_its_settings(tmp_path, cap
 
 @pytest.mark.parametrize("argv, fragment", [
     (["--regularizer", "center", "--queue-batches", "3"],
-     "--queue-batches has no effect here: it is an NSR setting; center loss does not use it"),
+     "--queue-batches has no effect here: only --regularizer nsr uses it (this run: center)"),
     (["--regularizer", "center", "--per-channel"], "active_only and per_channel are NSR options"),
-    (["--center-alpha", "0.3"], "--center-alpha has no effect here: it is a center-loss setting; NSR does not use it"),
+    (["--center-alpha", "0.3"], "--center-alpha has no effect here: only --regularizer center uses it (this run: nsr)"),
     (["--scheduler", "cosine", "--milestones", "5"], "--milestones has no effect here: only --scheduler multistep"),
     (["--gamma", "0.5"], "--gamma has no effect here: only --scheduler multistep uses it (this run: none)"),
     (["--optimizer", "adam", "--momentum", "0.9"], "--momentum has no effect here: only --optimizer sgd uses it"),
@@ -537,17 +537,17 @@ def test_flags_the_run_would_not_read_are_refused(tmp_path, capsys, argv, fragme
 
 
 def test_settings_a_run_does_not_read_are_not_recorded_as_used(tmp_path, capsys, monkeypatch):
-    """fdnn_vanilla.py on configs/mlp4.yaml (lambda, nsr_layers, queue_batches set there for the
+    """fdnn_vanilla.py on configs/mlp4.yaml (lambda, regularized_layers, queue_batches set there for the
     NSR script): config.yaml, the checkpoint and metrics.json show none of them as used."""
     out = tmp_path / "v"
     assert run_vanilla_script(capsys, monkeypatch, [*RUN, "--max-steps", "2", "--out", str(out)])[0] == 0
-    unread = {"nsr_layers", "lambda", "queue_batches", "active_only", "per_channel", "center_alpha",
+    unread = {"regularized_layers", "lambda", "queue_batches", "active_only", "per_channel", "center_alpha",
               "milestones", "gamma", "cutout", "fake_size"}
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["regularizer"] == "none" and not unread & set(saved) and saved["lr"] == 0.01
     assert not unread & set(load_checkpoint(str(out / "last.pt"))["config"])
     m = strict_json(out / "metrics.json")
-    assert (m["lambda"], m["nsr_layers"], m["queue_batches"], m["center_alpha"]) == ([], [], None, None)
+    assert (m["lambda"], m["regularized_layers"], m["queue_batches"], m["center_alpha"]) == ([], [], None, None)
 
 
 def test_metrics_json_is_strict_json_and_readers_take_its_nulls(tmp_path, capsys):
@@ -644,6 +644,25 @@ CRAFTED = {  # name: (mutation, the fragment of the one error line)
     "missing-part": (lambda s: s.pop("meter"), "it lacks meter"),
     "nsr-memory-missing": (_set(["nsr"], {}), "nsr holds no regularizer state after 50 steps"),
     "nsr-memory-shape": (lambda s: s["nsr"].update({k: torch.zeros(2, 2) for k in list(s["nsr"])[:1]}), ""),
+    # The NSR memory (mlp4.yaml: layer out, K = 5, 10 classes, 50 steps, so the pointer is back at 0):
+    # the library's own load checks, surfaced as the one line.
+    "nsr-counts-int32": (_set(["nsr", "memories.0.counts"], lambda t: t.int()),
+                         "NSR memory 'memories.0.' of layer 'out': saved sums and counts are torch.float32 and "
+                         "torch.int32; the memory holds floating-point tensors"),
+    "nsr-sums-bool": (_set(["nsr", "memories.0.sums"], lambda t: t != 0), "saved sums and counts are torch.bool and"),
+    "nsr-sums-nan": (_set(["nsr", "memories.0.sums"], _nan_at_0), "'out': its saved sums hold NaN or infinite values"),
+    "nsr-sums-inf": (_set(["nsr", "memories.0.sums"], lambda t: t / 0), "its saved sums hold NaN or infinite values"),
+    "nsr-counts-negative": (_set(["nsr", "memories.0.counts"], lambda t: -t),
+                            "'out': its saved counts must be whole numbers >= 0"),
+    "nsr-counts-fractional": (_set(["nsr", "memories.0.counts"], lambda t: t + 0.5),
+                              "its saved counts must be whole numbers >= 0"),
+    "nsr-counts-zeroed": (_set(["nsr", "memories.0.counts"], torch.zeros(5, 10, 1)),
+                          "'out': its saved sums are not 0 where nothing was counted"),
+    "nsr-sums-and-counts-missing": (lambda s: [s["nsr"].pop(f"memories.0.{k}") for k in ("sums", "counts")],
+                                    "nsr holds no regularizer state after 50 steps (a layer's memory is missing)"),
+    "nsr-sums-missing-pointer-moved": (lambda s: [s["nsr"].pop(f"memories.0.{k}") for k in ("sums", "counts")]
+                                       + [s["nsr"].update({"memories.0._extra_state": torch.tensor(3)})],
+                                       "its saved pointer is 3 but it has no sums and counts"),
 }
 
 

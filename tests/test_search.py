@@ -27,10 +27,10 @@ import pytest
 import yaml
 from nni.experiment.config import ExperimentConfig
 
-from nsr.search import launcher
+from nsr.search import launcher, nni_config
 from nsr.search import trial as nni_trial
 from nsr.search.workarounds import no_trial_note, visible_gpu_count
-from nsr.train.config import key_names, parse_args
+from nsr.train.config import SETTINGS, parse_args
 from nsr.train.errors import UserError
 from tests.helpers import ROOT, assert_error, free_port, run_in_process
 
@@ -192,7 +192,7 @@ def test_nni_config_is_valid_and_points_at_the_right_script(name, tmp_path, monk
     assert canon.training_service.platform == "local"
     space = canon.search_space
     assert space["lambda"] == {"_type": "loguniform", "_value": [0.001, 10]}
-    accepted = {"lambda", "queue_batches", "nsr_layer"} | set(key_names())
+    accepted = {"regularized_layer"} | set(SETTINGS)  # the one name the trial maps (config_overrides)
     assert set(space) <= accepted, f"keys the engine would reject: {set(space) - accepted}"
 
     argv = shlex.split(canon.trial_command.replace("$NSR_TRIAL_ARGS", ""))
@@ -209,7 +209,7 @@ def test_nni_config_is_valid_and_points_at_the_right_script(name, tmp_path, monk
     monkeypatch.chdir(REPO)
     cfg = parse_args([a.replace("$NNI_OUTPUT_DIR", str(tmp_path)) for a in argv[2:]])
     assert cfg.model == name.split("_")[0]
-    assert (cfg.regularizer != "none") and cfg.nsr_layers
+    assert (cfg.regularizer != "none") and cfg.regularized_layers
 
 
 # ------------------------------------------------------------------------------ python -m nsr search errors
@@ -239,6 +239,7 @@ def in_repo(monkeypatch):
     (None, ["configs/nni/mlp4.yml", "--trial-args", '--lr "0.1'], "No closing quotation"),
     (None, ["configs/nni/mlp4.yml", "--gpu-indices", "a"], "--gpu-indices"),
     (None, ["configs/nni/mlp4.yml", "--max-trials", "0"], "--max-trials"),
+    (None, ["configs/nni/mlp4.yml", "--concurrency", "0"], "--concurrency must be at least 1"),
 ])
 def test_search_bad_input_is_one_line(tmp_path, in_repo, setup, args, message):
     cfg = tmp_path / "bad.yml"
@@ -262,6 +263,12 @@ def test_search_space_the_tuner_cannot_use_is_refused_before_nni_starts(tmp_path
     line = search(tmp_path, str(cfg), "--port", "0")
     assert line.startswith(f"error: NNI config {str(cfg)!r}: ") and message in line and "lambda" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_command_line_overrides_reach_the_experiment_config(in_repo):
+    args = launcher.build_parser().parse_args(["configs/nni/mlp10.yml", "--concurrency", "2", "--max-trials", "7"])
+    config = nni_config.load_config(args.config, args)
+    assert (config.trial_concurrency, config.max_trial_number) == (2, 7)  # the file says 1 and 30
 
 
 def test_a_config_nni_cannot_load_leaves_the_next_load_working(tmp_path, in_repo):

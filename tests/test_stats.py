@@ -1,10 +1,12 @@
 """nsr.experiments.stats against numbers worked out by hand (arithmetic in the comments)."""
 
+import json
 import math
 
 import pytest
 
 from nsr.experiments import stats
+from nsr.train.fileio import write_json
 
 
 def test_mean_and_sample_std():
@@ -150,6 +152,6 @@ def test_table_with_several_variants():
     assert rows[5][1] == "0.074"  # NSR against vanilla, as in the two-variant table
 
 
-def test_json_safe():
-    assert stats.json_safe({"a": float("nan"), 1: [1.5, float("inf"), (2, float("-inf"))]}) == \
-        {"a": None, "1": [1.5, None, [2, None]]}
+def test_undefined_statistics_are_written_as_null(tmp_path):
+    write_json(tmp_path / "s.json", {"a": float("nan"), 1: [1.5, float("inf"), (2, float("-inf"))]})
+    assert json.loads((tmp_path / "s.json").read_text()) == {"a": None, "1": [1.5, None, [2, None]]}

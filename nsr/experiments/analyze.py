@@ -47,7 +47,6 @@ from .layer_variance import (
     summarize_layers,
 )
 from .report import check_writable, nonempty, path_arg, plot_histogram, print_variance
-from .stats import json_safe
 
 # ------------------------------------------------------------------------------- checkpoints and data
 
@@ -73,8 +72,7 @@ def load_model(path: str, state: dict | None, cfg, data, device) -> nn.Module:
     model = build_checked_model(dataclasses.replace(cfg, regularizer="none"), data.num_classes, data.in_shape)
     if state is None:
         return model
-    # DDP and torch.compile prefix the weights' names with module. and _orig_mod.
-    weights = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state["model"].items()}
+    weights = state["model"]  # the engine saves the unwrapped model: names as model.state_dict() has them
     expected = model.state_dict()
     problems = [f"{k} is {tuple(weights[k].shape)} there, {tuple(v.shape)} here"
                 for k, v in expected.items() if k in weights and weights[k].shape != v.shape]
@@ -108,7 +106,7 @@ def warmup(cfg, epochs: int, out: Path) -> str:
 
 def _label(path: str, cfg) -> str:
     """'vanilla (seed0/best.pt)' or 'NSR out=7.49 (nsr/best.pt)'."""
-    lambdas = (f"{n}={v:.3g}" for n, v in zip(cfg.nsr_layers, cfg.lambda_))
+    lambdas = (f"{n}={v:.3g}" for n, v in zip(cfg.regularized_layers, cfg.lambda_))
     method = "center loss" if cfg.regularizer == "center" else "NSR"
     what = " ".join([method, *lambdas]) if cfg.regularizer != "none" else "vanilla"
     return f"{what} ({'/'.join(Path(path).parts[-2:])})"
@@ -239,7 +237,7 @@ def main(argv=None) -> int:
     print_variance(report)
     out.mkdir(parents=True, exist_ok=True)
     png = plot_histogram(out / "intra_class_variance.png", report["plotted_layer"], report.pop("series"))
-    write_json(out / "analysis.json", json_safe({**report, "histogram": str(png)}))
+    write_json(out / "analysis.json", {**report, "histogram": str(png)})
     print(f"wrote {out / 'analysis.json'} and {png}")
     return 0
 

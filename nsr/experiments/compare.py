@@ -27,9 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nsr.train.errors import ArgumentParser, RunInterrupted, UserError, run_cli
-from nsr.train.fileio import save_png, write_atomic, write_json
+from nsr.train.fileio import write_atomic, write_json
 
 from . import report, reproduce, stats
+from .figures import pyplot, save_png
 from .runner import Variant, print_failures, run_all
 
 MODELS = ("mlp4", "mlp10")
@@ -209,7 +210,7 @@ def sweep(args, chosen: dict) -> tuple[str, list[str]]:
     base = stats.mean_std(vanilla) if vanilla else (math.nan, math.nan)
     data = {"seeds": list(seeds), "chosen_lambda": best, "vanilla": {"n": len(vanilla), "mean": base[0], "std": base[1]},
             "points": rows}
-    write_json(args.out / "sweep" / "sensitivity.json", stats.json_safe(data))
+    write_json(args.out / "sweep" / "sensitivity.json", data)
     plot_sensitivity(args.out / "sweep" / "sensitivity.png", data)
     table = [["axis", "λ", "K", "test error % (MLP-4)", "seeds"]]
     table += [[r["axis"], f"{r['lambda']:g}", str(r["queue_batches"]),
@@ -222,11 +223,7 @@ def sweep(args, chosen: dict) -> tuple[str, list[str]]:
 
 def plot_sensitivity(path: Path, data: dict) -> None:
     """Test error against λ (log axis) and against K, mean ± std over seeds, vanilla as a band."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = pyplot().subplots(1, 2, figsize=(10, 3.8))
     van = data["vanilla"]
     for ax, axis, key, xlabel in ((axes[0], "lambda", "lambda", "λ (K = 5)"),
                                   (axes[1], "queue", "queue_batches", f"K (λ = {data['chosen_lambda']:g})")):

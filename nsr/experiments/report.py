@@ -9,7 +9,8 @@ Reads OUT/<model>/<variant>/seed<S>/metrics.json (the layout python -m nsr repro
 are only read) and writes
     OUT/table.md, OUT/table.csv   one column per model, one row per variant (test error % as
                                   mean ± sample std over seeds), then the gain and the paired
-                                  t-test p-value of each variant against vanilla
+                                  t-test p-value of each variant against vanilla; for a model
+                                  run on the paper's data set, the paper's rows beside ours
     OUT/summary.json              the numbers behind the table, and each seed's metrics
     OUT/curves.png                validation accuracy per epoch, mean ± std band over seeds
 Runs not finished are left out (a warning names them); a damaged metrics.json is an error.
@@ -28,9 +29,10 @@ from pathlib import Path
 import numpy as np
 
 from nsr.train.errors import ArgumentParser, UserError, one_line, run_cli
-from nsr.train.fileio import save_png, write_atomic, write_json
+from nsr.train.fileio import write_atomic, write_json
 
-from . import stats
+from . import paper, stats
+from .figures import pyplot, save_png
 
 BASELINE = "vanilla"
 # Row labels of the table; a variant not listed here is shown by its folder name.
@@ -167,12 +169,19 @@ def errors_by_seed(runs: dict) -> dict[int, float]:
     return {seed: e for seed, e in errors.items() if e is not None}
 
 
+def dataset_of(by_variant: dict) -> str | None:
+    """The data set every run of a column trained on (None when they differ or none is known)."""
+    found = {m.get("dataset") for runs in by_variant.values() for m in runs.values()}
+    return found.pop() if len(found) == 1 else None
+
+
 def write_tables(out: Path, results: dict) -> str:
     """table.md, table.csv and summary.json; returns the Markdown table."""
     summaries = {model: stats.summarize({v: errors_by_seed(r) for v, r in by_variant.items()},
                                         BASELINE)
                  for model, by_variant in results.items()}
     rows = stats.results_table({display_name(m): s for m, s in summaries.items()}, LABELS, BASELINE)
+    rows += paper.rows({display_name(m): (m, dataset_of(by_variant)) for m, by_variant in results.items()})
     md = stats.table_markdown(rows)
     counts = "; ".join(f"{display_name(m)}: " + ", ".join(f"{v} {s[v]['n']}" for v in s)
                        for m, s in summaries.items())
@@ -186,7 +195,7 @@ def write_tables(out: Path, results: dict) -> str:
                                          for seed, m in runs.items()}}
                       for variant, runs in by_variant.items()}
               for model, by_variant in results.items()}
-    write_json(Path(out) / "summary.json", stats.json_safe(detail))
+    write_json(Path(out) / "summary.json", detail)
     return md
 
 
@@ -220,13 +229,11 @@ def _histories(runs: dict, key: str) -> list[list[float]]:
 
 def write_curves(out: Path, results: dict, key: str = "val_acc") -> Path | None:
     """curves.png: one panel per model, one line per variant, mean ± std over seeds."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
     if not results:
         return None
+    plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     ncols = min(len(results), 3)
     nrows = -(-len(results) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.6 * nrows), squeeze=False)
@@ -347,10 +354,7 @@ def format_table(rows: list[dict], compare: dict[str, dict] | None = None,
 
 def plot_histogram(path: Path, layer: str, series: list[tuple[str, np.ndarray]]) -> Path:
     """Overlaid histograms of per-neuron intra-class variance (log-spaced bins if it spans >100x)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     values = np.concatenate([v for _, v in series])
     positive = values[values > 0]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -389,7 +393,7 @@ def print_variance(report: dict) -> None:
     if suggested:
         best = next(r for r in rows if r["layer"] == suggested)
         print(f"\nsuggested NSR target: {suggested} (largest mean intra-class variance, "
-              f"{best['intra_var_mean']:.4g}); e.g. --nsr-layers {suggested}")
+              f"{best['intra_var_mean']:.4g}); e.g. --regularized-layers {suggested}")
 
 
 def main(argv: list[str] | None = None) -> int:

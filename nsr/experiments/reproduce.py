@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -54,6 +55,7 @@ VARIANTS = (Variant("vanilla", nsr=False), Variant("nsr"))
 
 # Flags python -m nsr reproduce sets itself, per run.
 RESERVED_FLAGS = {"--config", "--out", "--seed", "--resume", "--overwrite", "--regularizer"}
+VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 
@@ -62,7 +64,7 @@ RESERVED_FLAGS = {"--config", "--out", "--seed", "--resume", "--overwrite", "--r
 
 def search_result_flags(path: str) -> list[str]:
     """Training flags from a λ-search best.json: {"parameters": {"lambda": 0.5 | [..] | "0.5 0.1",
-    "nsr_layer": "fc3", "queue_batches": 10, ...}} -> --lambda 0.5 --nsr-layers fc3 ..."""
+    "regularized_layer": "fc3", "queue_batches": 10, ...}} -> --lambda 0.5 --regularized-layers fc3 ..."""
     try:
         with open(path) as f:
             data = json.load(f)
@@ -82,7 +84,7 @@ def search_result_flags(path: str) -> list[str]:
         if not values or any(isinstance(v, (dict, list)) for v in values):
             raise UserError(f"--lambda-from {path}: parameters.{key} must be a value or a list of "
                             f"values, got {value!r}")
-        flag = "--nsr-layers" if key == "nsr_layer" else "--" + key.replace("_", "-")
+        flag = "--regularized-layers" if key == "regularized_layer" else "--" + key.replace("_", "-")
         flags += [flag, *(repr(float(v)) if key == "lambda" else str(v) for v in values)]
     return flags
 
@@ -236,6 +238,9 @@ def parse_args(argv=None):
     p.add_argument("--lambda-from", nargs="+", metavar="[MODEL=]FILE", type=report.nonempty,
                    help="λ (and the other searched parameters) for NSR runs from a `python -m nsr search` "
                         "best.json; FILE for every model, MODEL=FILE for one (default: the configs' λ)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS", type=report.nonempty,
+                   help='one more variant beside vanilla and NSR, trained into OUT/<model>/NAME/, e.g. '
+                        '--variant last2="--regularized-layers relu8 out --lambda 0.4 0.4" (repeatable)')
     p.add_argument("--extra", default="", help='extra flags for every run, e.g. "--max-steps 50"')
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once (default 1)")
     p.add_argument("--fail-fast", action="store_true", help="start no new run after a failure")
@@ -269,11 +274,32 @@ def check_args(args) -> None:
     reserved = sorted({f.split("=")[0] for f in args.extra} & RESERVED_FLAGS)
     if reserved:
         raise UserError(f"--extra must not set {', '.join(reserved)}: python -m nsr reproduce sets them per run")
+    args.variant = [added_variant(spec) for spec in args.variant]
     if args.data_dir is not None and Path(args.data_dir).is_file():
         raise UserError(f"--data-dir {args.data_dir} is a file; give the data folder")
     if not os.access(args.python, os.X_OK) or os.path.isdir(args.python):
         raise UserError(f"--python {args.python} is not an executable")
     args.mlp = model_kinds(args.models, Path(args.repo))
+
+
+def added_variant(spec: str) -> Variant:
+    """--variant NAME=FLAGS as a Variant: an NSR variant, unless its flags choose another
+    --regularizer (then --lambda-from does not apply to it)."""
+    name, sep, text = spec.partition("=")
+    if not sep or not VARIANT_NAME.fullmatch(name) or name in {v.name for v in VARIANTS} | {"logs"}:
+        raise UserError(f"--variant {spec!r}: expected NAME=FLAGS with a new folder name of letters, digits, "
+                        f"'_', '-' or '.' (not {', '.join(v.name for v in VARIANTS)}), e.g. "
+                        'last2="--regularized-layers relu8 out --lambda 0.4 0.4"')
+    try:
+        flags = shlex.split(text)
+    except ValueError as e:
+        raise UserError(f"--variant {spec!r}: {e}") from None
+    reserved = sorted({f.split("=")[0] for f in flags} & (RESERVED_FLAGS - {"--regularizer"}))
+    if reserved:
+        raise UserError(f"--variant {name} must not set {', '.join(reserved)}: python -m nsr reproduce "
+                        "sets them per run")
+    regularizer = next((flags[i + 1] for i, f in enumerate(flags[:-1]) if f == "--regularizer"), "nsr")
+    return Variant(name, tuple(flags), nsr=regularizer == "nsr")
 
 
 def model_kinds(models: list[str], repo: Path) -> dict[str, bool]:
@@ -293,6 +319,7 @@ def main(argv=None, variants=VARIANTS) -> int:
     if args.table_only:
         report.print_report(args.out, report.report_folder(args.out, args.models))
         return 0
+    variants = (*variants, *args.variant)
     runs = plan(args, variants)
     if args.dry_run:
         for r in runs:

@@ -16,7 +16,7 @@ Conventions (the paper's Table: "2.29±0.07", gain "28.38%"):
       assumption (normal differences with positive variance) does not hold, so t = +-inf and
       p = NaN ("n/a" in the table) rather than a misleading 0.
 
-NaN means "undefined" throughout; ``json_safe`` writes it as null in JSON files.
+NaN means "undefined" throughout; ``nsr.train.fileio.write_json`` writes it as null.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy import stats as scipy_stats  # installed with scikit-learn
@@ -32,7 +32,7 @@ from scipy import stats as scipy_stats  # installed with scikit-learn
 __all__ = [
     "mean_std", "relative_gain", "paired_ttest", "describe", "versus", "summarize",
     "format_mean_std", "format_gain", "format_pvalue",
-    "results_table", "table_markdown", "table_csv", "json_safe",
+    "results_table", "table_markdown", "table_csv",
 ]
 
 
@@ -175,13 +175,3 @@ def table_csv(rows: list[list[str]]) -> str:
     csv.writer(buf, lineterminator="\n").writerows(rows)
     return buf.getvalue()
 
-
-def json_safe(value: Any) -> Any:
-    """`value` with every non-finite float (an undefined statistic) as None, for strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value

@@ -360,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run an NNI search (configs/nni/*.yml) to its end and report the best trial.")
     p.add_argument("config", help="NNI v2 experiment config, e.g. configs/nni/mlp4.yml")
     p.add_argument("--max-trials", type=int, metavar="N", help="override maxTrialNumber")
+    p.add_argument("--concurrency", type=int, metavar="N",
+                   help="override trialConcurrency: trials trained at once (e.g. 2 on 2 CPU cores)")
     p.add_argument("--max-duration", metavar="TIME", help="override maxExperimentDuration (e.g. 2h, 30m)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT,
                    help=f"web UI / NNI manager port (default {DEFAULT_PORT}; 0 picks a free one)")
@@ -385,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.max_trials is not None and args.max_trials < 1:
         parser.error(f"--max-trials must be at least 1, got {args.max_trials}")
+    if args.concurrency is not None and args.concurrency < 1:
+        parser.error(f"--concurrency must be at least 1, got {args.concurrency}")
     if args.poll <= 0:
         parser.error("--poll must be positive")
     # Ctrl-C must reach us even when started with SIGINT ignored (e.g. from a `&` job); SIGTERM

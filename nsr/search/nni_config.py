@@ -55,6 +55,8 @@ def load_config(path: str, args: argparse.Namespace):
 
     if args.max_trials is not None:
         config.max_trial_number = args.max_trials
+    if args.concurrency is not None:
+        config.trial_concurrency = args.concurrency
     if args.max_duration is not None:
         config.max_experiment_duration = args.max_duration
     if args.experiment_dir is not None:

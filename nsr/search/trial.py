@@ -47,12 +47,16 @@ def get_trial_parameters() -> dict[str, Any] | None:
 
 
 def config_overrides(params: dict[str, Any]) -> dict[str, Any]:
-    """The tuner's parameters as config keys. A search space names one layer (`nsr_layer`) and one
-    λ, which the config holds as lists: `nsr_layer: fc` becomes `nsr_layers: [fc]`, and a single
-    λ is applied to every NSR layer (config validation repeats a one-value list per layer)."""
+    """The tuner's parameters as config keys. A search space names one layer (`regularized_layer`)
+    and one λ, which the config holds as lists: `regularized_layer: fc` becomes
+    `regularized_layers: [fc]`, and a single λ is applied to every regularized layer (config
+    validation repeats a one-value list per layer)."""
     overrides = dict(params)
     if "nsr_layer" in overrides:
-        overrides["nsr_layers"] = [overrides.pop("nsr_layer")]
+        raise UserError("the search-space parameter 'nsr_layer' is now called 'regularized_layer'; "
+                        "rename it in searchSpace")
+    if "regularized_layer" in overrides:
+        overrides["regularized_layers"] = [overrides.pop("regularized_layer")]
     if "lambda" in overrides and not isinstance(overrides["lambda"], list):
         overrides["lambda"] = [overrides["lambda"]]
     return overrides

@@ -73,7 +73,7 @@ def build_checked_model(cfg: Config, num_classes: int, in_shape: tuple) -> nn.Mo
         raise UserError(f"model {cfg.model} cannot be built for {cfg.dataset}: {one_line(e)}") from None
     outputs, names = {}, dict(model.named_modules())
     hooks = [names[n].register_forward_hook(lambda m, i, o, n=n: outputs.__setitem__(n, o))
-             for n in (cfg.nsr_layers if cfg.regularizer != "none" else []) if n in names]
+             for n in (cfg.regularized_layers if cfg.regularizer != "none" else []) if n in names]
     model.eval()
     try:
         model(torch.zeros(2, *in_shape))
@@ -146,15 +146,18 @@ def build_regularizer(cfg: Config, model: nn.Module, num_classes: int,
     """NSR, center loss (same layers and lambdas) or None; both are called as reg(y) after the forward."""
     if cfg.regularizer == "none":
         return None  # vanilla: no hooks, no cost
-    layers = dict(zip(cfg.nsr_layers, cfg.lambda_))
+    # The names as a list, so that the library refuses a layer named twice (a dict would merge
+    # them); then each layer's λ (config.validate checked them by the library's rule).
+    layers = cfg.regularized_layers
     try:
         if cfg.regularizer == "center":
             reg = CenterLoss(model, layers, num_classes=num_classes, alpha=cfg.center_alpha)
         else:
             reg = NeuronSteadiness(model, layers, num_classes=num_classes, queue_batches=cfg.queue_batches,
                                    active_only=cfg.active_only, per_channel=cfg.per_channel)
+        reg.lambdas = dict(zip(layers, cfg.lambda_))
     except ValueError as e:
-        raise UserError(f"{e}; set nsr_layers in the config or --nsr-layers") from None
+        raise UserError(f"{e} (regularized_layers in the config, or --regularized-layers)") from None
     return reg.to(device)
 
 

@@ -23,7 +23,7 @@ def epoch_line(row: dict, epochs: int) -> str:
 def print_summary(m: dict, out: str) -> None:
     method = m["regularizer"]
     names = {"nsr": "NSR", "center": f"center loss (alpha {m.get('center_alpha')})"}
-    kind = f"{names[method]} {dict(zip(m['nsr_layers'], m['lambda']))}" if method in names else "vanilla"
+    kind = f"{names[method]} {dict(zip(m['regularized_layers'], m['lambda']))}" if method in names else "vanilla"
     extras = [f"{k.replace('_', ' ')} {m[k]}" for k in ("label_smoothing", "dropout") if m.get(k)]
     kind = ", ".join([kind, *extras])
     result = (f"test error {m['test_error']:.2f}% (best val {m['best_val_acc']:.2f}% at epoch "

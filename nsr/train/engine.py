@@ -184,7 +184,9 @@ class Trainer:
         start = time.perf_counter()
         val, val5 = evaluate(self, self.data.val)
         result = {"val_acc": val, "val_top5_acc": val5}
-        if val > self.pos.best_val_acc or not test_if_better:
+        # The original code keeps the latest epoch that ties the best (>=); ours by default the first.
+        tie = self.cfg.best_on_tie == "latest" and val == self.pos.best_val_acc
+        if val > self.pos.best_val_acc or tie or not test_if_better:
             result["test_acc"], result["test_top5_acc"] = evaluate(self, self.data.test)
         self.pos.eval_time_s += time.perf_counter() - start
         return result
@@ -296,7 +298,7 @@ def run_metrics(trainer: Trainer, finished: bool, partial: dict | None = None) -
         stopped_by = "max_steps"
     return {"model": cfg.model, "dataset": cfg.dataset, "seed": cfg.seed,
             "regularizer": cfg.regularizer,
-            "nsr_layers": cfg.nsr_layers if regularized else [], "lambda": cfg.lambda_ if regularized else [],
+            "regularized_layers": cfg.regularized_layers if regularized else [], "lambda": cfg.lambda_ if regularized else [],
             "queue_batches": used.get("queue_batches"), "center_alpha": used.get("center_alpha"),
             "label_smoothing": cfg.label_smoothing, "dropout": cfg.dropout,
             "epochs": len(p.history), "num_params": sum(t.numel() for t in trainer.model.parameters()),
@@ -404,13 +406,12 @@ def _interrupted(trainer: Trainer, signal_name: str | None) -> RunInterrupted:
     return RunInterrupted(f"{where}; saved {folder.file('last.pt')}; continue with --resume")
 
 
-def main(default_config: str | None = None, defaults: dict | None = None, description: str = "",
-         argv: list[str] | None = None, hooks: RunHooks | None = None, fixed: dict | None = None) -> None:
+def main(default_config: str | None = None, description: str = "", argv: list[str] | None = None,
+         hooks: RunHooks | None = None, fixed: dict | None = None) -> None:
     """Entry point of the scripts: parse, train, and turn user errors into one line. `fixed`:
     settings the script decides (see config.parse_args)."""
     def run():
-        cfg = parse_args(argv, default_config=default_config, defaults=defaults, description=description,
-                         fixed=fixed)
+        cfg = parse_args(argv, default_config=default_config, description=description, fixed=fixed)
         try:
             train(cfg, hooks)
         finally:

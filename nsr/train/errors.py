@@ -24,7 +24,8 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         if "unrecognized arguments" in message:
             flag = message.split(":", 1)[1].split()[0]
-            options = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+            options = [o for a in self._actions if a.help != argparse.SUPPRESS  # not the hidden old names
+                       for o in a.option_strings if o.startswith("--")]
             match = closest(flag.split("=")[0], options)
             hint = f"; did you mean {match}?" if match else "; see --help"
             raise UserError(f"unknown option {flag}{hint}")

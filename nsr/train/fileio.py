@@ -112,16 +112,6 @@ def remove_stale_temporaries(folder: str | os.PathLike, names: tuple[str, ...]) 
     return removed
 
 
-def save_png(fig, path) -> None:
-    """A matplotlib figure as a PNG, written atomically; the figure is closed."""
-    import matplotlib.pyplot as plt  # deferred: matplotlib is an optional dependency (experiments)
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
-    finally:
-        plt.close(fig)
-
-
 # ---------------------------------------------------------------------------------- failures
 
 def _os_cause(exc: BaseException, path: str) -> OSError | None:

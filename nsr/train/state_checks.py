@@ -8,6 +8,7 @@ turns it into one UserError line.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -36,15 +37,26 @@ def check_training_state(trainer, path: str, state: dict) -> tuple[Position, dic
     check_scaler(state["scaler"], trainer.scaler.state_dict())
     if not isinstance(state["nsr"], dict):
         raise ValueError("nsr must be a mapping of the regularizer's state")
-    if trainer.reg is not None and pos.global_step > 0 and not state["nsr"]:
-        # the regularizer's memory is made at the first step; its content the library checks on load
-        raise ValueError(f"nsr holds no regularizer state after {pos.global_step} steps")
+    if trainer.reg is not None:
+        check_regularizer(trainer.reg, state["nsr"], pos.global_step)
     check_rng(state["rng"])
     last_epoch = state["scheduler"].get("last_epoch") if isinstance(state["scheduler"], dict) else None
     if last_epoch != pos.epoch or not is_int(last_epoch):
         raise ValueError(f"scheduler last_epoch {last_epoch!r} is not the position's epoch {pos.epoch}")
     lrs = [row["lr"] for row in pos.history] + [g["lr"] for g in state["optimizer"]["param_groups"][:1]]
     return pos, _check_schedule(trainer.cfg, path, state["config"], lrs)
+
+
+def check_regularizer(reg: nn.Module, saved: dict, steps: int) -> None:
+    """The library's own load checks of the regularizer's state (shapes, dtypes, values, pointers),
+    run on a copy so that nothing changes yet; after training steps the state must exist (the
+    regularizer makes it at its first step)."""
+    if steps > 0 and not saved:
+        raise ValueError(f"nsr holds no regularizer state after {steps} steps")
+    probe = copy.deepcopy(reg)  # a copy of a regularizer has its state and no hooks on the model
+    probe.load_state_dict(saved)
+    if steps > 0 and not probe.started:
+        raise ValueError(f"nsr holds no regularizer state after {steps} steps (a layer's memory is missing)")
 
 
 def check_tensors(saved, live: dict, what: str) -> None:
@@ -226,8 +238,10 @@ def check_position(pos: Position, steps_per_epoch: int) -> None:
         if vals or pos.test_acc is not None or pos.best_val_acc != -1:
             raise ValueError("position has finished epochs but no best one, or a best without an epoch")
         return
-    if not vals or pos.best_epoch != vals.index(max(vals)) + 1 or pos.best_val_acc != max(vals):
-        raise ValueError(f"position best_epoch {pos.best_epoch} (val {pos.best_val_acc}) is not the first "
+    # the first such epoch, or with best_on_tie latest the last: either is an epoch of the best
+    if not vals or not 1 <= pos.best_epoch <= len(vals) or pos.best_val_acc != max(vals) \
+            or vals[pos.best_epoch - 1] != max(vals):
+        raise ValueError(f"position best_epoch {pos.best_epoch} (val {pos.best_val_acc}) is not an "
                          "epoch of best validation accuracy in its history")
     for name, value in (("test_acc", pos.test_acc), ("test_top5_acc", pos.test_top5_acc)):
         if (value is not None or name == "test_acc") and not (value is not None and 0 <= value <= 100):
