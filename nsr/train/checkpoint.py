@@ -21,7 +21,8 @@ import torch
 
 from .errors import UserError
 from .fileio import atomic_open
-from .state_checks import check_training_state, is_int
+from .meters import EpochMeter, Position
+from .state_checks import RunParts, check_training_state, is_int
 
 FORMAT = "nsr-checkpoint"
 # The layout of what a checkpoint holds; a change to it (keys, the NSR memory's buffers) bumps it,
@@ -152,37 +153,38 @@ def _processes(n: int) -> str:
     return "1 process" if n == 1 else f"{n} processes (torchrun)"
 
 
-def training_state(trainer) -> dict:
-    """The checkpoint of an nsr.train.engine.Trainer."""
-    return {"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
-            "scheduler": trainer.scheduler.state_dict(), "scaler": trainer.scaler.state_dict(),
-            "nsr": trainer.reg.state_dict() if trainer.reg is not None else {}, "rng": rng_state(),
-            "config": trainer.config_dict, "world_size": trainer.rt.world,
-            "position": trainer.pos.state_dict(), "meter": trainer.meter.state_dict()}
+def training_state(run: RunParts, pos: Position, meter: EpochMeter) -> dict:
+    """The checkpoint of a run at `pos`, with the open epoch's running sums."""
+    return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
+            "nsr": run.reg.state_dict() if run.reg is not None else {}, "rng": rng_state(),
+            "config": run.config, "world_size": run.world,
+            "position": pos.state_dict(), "meter": meter.state_dict()}
 
 
-def restore_training_state(trainer, path: str, state: dict) -> None:
-    """Check `state` (from load_resumable) against an nsr.train.engine.Trainer, then load it.
-    Anything that does not fit, a damaged or crafted file included, is one UserError, and nothing
-    of it is used; a changed --epochs that the schedule cannot follow is refused with the reason."""
+def restore_training_state(run: RunParts, meter: EpochMeter, path: str, state: dict) -> Position:
+    """Check `state` (from load_resumable) against the run, then load it into the run's parts and
+    `meter`; returns the position to continue from. Anything that does not fit, a damaged or
+    crafted file included, is one UserError, and nothing of it is used; a changed --epochs that the
+    schedule cannot follow is refused with the reason."""
     try:
-        pos, scheduler_state = check_training_state(trainer, path, state)
-        trainer.model.load_state_dict(state["model"])
-        trainer.optimizer.load_state_dict(state["optimizer"])
-        trainer.scheduler.load_state_dict(scheduler_state)
+        pos, scheduler_state = check_training_state(run, path, state)
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(scheduler_state)
         if pos.global_step > 0:
             # The run's optimizer has stepped, in the process that saved it: a step with no
             # gradients (which changes nothing) tells the scheduler so, or its next step (at once,
             # when the run stopped at an epoch's last step) warns "scheduler.step() before
             # optimizer.step()", a warning about an order this run kept.
-            trainer.optimizer.zero_grad(set_to_none=True)
-            trainer.optimizer.step()
-        trainer.scaler.load_state_dict(state["scaler"])
-        if trainer.reg is not None:
-            trainer.reg.load_state_dict(state["nsr"])  # the library checks its own memory
+            run.optimizer.zero_grad(set_to_none=True)
+            run.optimizer.step()
+        run.scaler.load_state_dict(state["scaler"])
+        if run.reg is not None:
+            run.reg.load_state_dict(state["nsr"])  # the library checks its own memory
         set_rng_state(state["rng"])
-        trainer.pos = pos
-        trainer.meter.load_state_dict(state["meter"])
+        meter.load_state_dict(state["meter"])
+        return pos
     except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:
         detail = " ".join(str(e).split())[:200]  # load_state_dict's messages span several lines
         raise UserError(f"checkpoint {path} does not fit this run ({type(e).__name__}: {detail})") from None

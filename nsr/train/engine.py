@@ -38,6 +38,7 @@ from .checkpoint import (
     save_checkpoint,
     training_state,
 )
+from .state_checks import RunParts
 from .config import Config, parse_args, to_dict
 from .console import epoch_line, print_summary, progress
 from .data import load_data
@@ -239,15 +240,20 @@ class Trainer:
         return self.write_metrics(finished=p.epoch >= cfg.epochs, partial=partial)
 
     # -- checkpoints and reports
+    def parts(self) -> RunParts:
+        """What a checkpoint holds of this run and is checked against."""
+        return RunParts(self.cfg, self.config_dict, self.rt.world, self.model, self.optimizer, self.scheduler,
+                        self.scaler, self.reg, len(self.data.train), self.data.train.num_samples)
+
     def save(self, name: str) -> None:
         if self.rt.main:
-            save_checkpoint(training_state(self), self.folder.file(name))
+            save_checkpoint(training_state(self.parts(), self.pos, self.meter), self.folder.file(name))
         if name == "last.pt":
             self.saved_at = (self.pos.epoch, self.pos.step)
             self.folder.commit()
 
     def restore(self, path: str, state: dict) -> None:
-        restore_training_state(self, path, state)
+        self.pos = restore_training_state(self.parts(), self.meter, path, state)
         self.saved_at = (self.pos.epoch, self.pos.step)
 
     def write_metrics(self, finished: bool, partial: dict | None = None) -> dict:
