@@ -12,6 +12,7 @@ slow) proves the process's own exit code and that no traceback leaks.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import runpy
@@ -126,6 +127,14 @@ def fingerprint(folder) -> dict:
             with open(path, "rb") as f:
                 result[os.path.relpath(path, folder)] = (f.read(), os.stat(path).st_mtime_ns)
     return result
+
+
+def snapshot(folder) -> dict | None:
+    """fingerprint() as plain JSON data (a digest of the bytes, and the mtime), None if `folder`
+    does not exist: for a process to record the state it left."""
+    if not os.path.isdir(folder):
+        return None
+    return {name: [hashlib.sha256(data).hexdigest(), mtime] for name, (data, mtime) in fingerprint(folder).items()}
 
 
 def without_times(history: list[dict]) -> list[dict]:

@@ -27,6 +27,7 @@ import pytest
 
 from nsr.experiments import curves, report, reproduce, runner, stats
 from nsr.experiments.runner import Variant
+from nsr.train.checkpoint import save_checkpoint
 from tests.helpers import ROOT, assert_one_error_line, fingerprint, run_in_process
 
 REPO = Path(ROOT)
@@ -50,8 +51,8 @@ FAKE_TRAINER = textwrap.dedent('''
     # test error: vanilla 3.0 + 0.1*seed, NSR 2.0 + 0.05*seed, minus 0.01 per queue batch beyond 5
     err = (2.0 + 0.05 * cfg.seed - 0.01 * (cfg.queue_batches - 5)) if (cfg.regularizer != "none") else (3.0 + 0.1 * cfg.seed)
     hist = [{"val_acc": 50 + 10 * e + (5 if (cfg.regularizer != "none") else 0) + cfg.seed} for e in range(cfg.epochs)]
-    with open(os.path.join(cfg.out, "last.pt"), "w") as f:
-        f.write("x")
+    from nsr.train.checkpoint import save_checkpoint
+    save_checkpoint({"config": to_dict(cfg)}, os.path.join(cfg.out, "last.pt"))  # the settings a tool reads
     with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
         json.dump({"model": cfg.model, "dataset": cfg.dataset, "seed": cfg.seed, "epochs": cfg.epochs,
                    "test_error": err, "test_acc": 100 - err, "finished": True, "history": hist}, f)
@@ -197,7 +198,7 @@ def test_interrupted_and_stale_runs(fake_repo, tmp_path):
     out = tmp_path / "out"
     interrupted = report.run_dir(out, "mlp4", "vanilla", 0)
     interrupted.mkdir(parents=True)
-    (interrupted / "last.pt").write_text("x")
+    save_checkpoint({"config": {}}, str(interrupted / "last.pt"))  # (no settings to compare)
     (interrupted / "metrics.json").write_text(json.dumps({"finished": False}))
     stale = report.run_dir(out, "mlp4", "nsr", 0)
     stale.mkdir(parents=True)
@@ -589,6 +590,12 @@ def test_damaged_run_folders(fake_repo, tmp_path):
     out = tmp_path / "out"
     assert _main(repo, out, "--models", "mlp4", "--seeds", "1") == 0
     folder = report.run_dir(out, "mlp4", "nsr", 0)
+    (folder / "last.pt").write_bytes(b"not a checkpoint")  # the run's settings are its checkpoint's
+    before = fingerprint(out)
+    proc = _cli("-m nsr reproduce", "--repo", str(repo), "--out", str(out), "--models", "mlp4",
+                "--seeds", "1")
+    assert f"checkpoint {folder / 'last.pt'} is truncated" in proc.err and fingerprint(out) == before
+    (folder / "last.pt").unlink()  # without a checkpoint, config.yaml is what is left to read
     (folder / "config.yaml").write_text("epochs: [unclosed\n")
     before = fingerprint(out)
     proc = _cli("-m nsr reproduce", "--repo", str(repo), "--out", str(out), "--models", "mlp4",

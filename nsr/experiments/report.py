@@ -70,7 +70,8 @@ def read_metrics(folder: Path) -> dict | None:
 
 
 def read_settings(folder: Path) -> dict | None:
-    """The config.yaml a run saved when it started; None when it has none. Damaged: UserError."""
+    """The config.yaml a run saved when it started; None when it has none. Damaged: UserError.
+    (A copy for people: a tool that compares settings reads the checkpoint's, reproduce.run_settings.)"""
     import yaml
     return _read_run_file(Path(folder) / "config.yaml", yaml.safe_load, yaml.YAMLError)
 
@@ -145,10 +146,25 @@ def collect(out: Path, models: list[str], variants: list[str], seeds: list[int] 
                         why = " (stopped by --max-steps)" if (metrics or {}).get("stopped_by") == "max_steps" else ""
                         warn(f"{folder} is not a finished run{why}; left out of the table")
                     continue
-                test_error(metrics, folder)  # a damaged value fails here, before anything is written
+                if test_error(metrics, folder) is None:  # (a damaged value fails there, before anything is written)
+                    warn(f"{folder} is a finished run without a test error (test_error is "
+                         f"{metrics.get('test_error')!r}); left out of the table")
+                    continue
                 runs[seed] = metrics
             results[model][variant] = runs
+        _warn_unpaired(model, results[model], warn)
     return results
+
+
+def _warn_unpaired(model: str, by_variant: dict, warn) -> None:
+    """A variant whose seeds are not the baseline's: its gain compares means over different seeds."""
+    base = sorted(by_variant.get(BASELINE, {}))
+    for variant, runs in by_variant.items():
+        both = len(set(runs) & set(base))
+        if variant != BASELINE and sorted(runs) != base:
+            warn(f"{display_name(model)}: {variant} has seeds {', '.join(map(str, sorted(runs))) or 'none'} and "
+                 f"{BASELINE} {', '.join(map(str, base)) or 'none'}; its gain compares the means of these unequal "
+                 f"sets, its p-value pairs the {both} seed{'s' * (both != 1)} both have")
 
 
 def errors_by_seed(runs: dict) -> dict[int, float]:

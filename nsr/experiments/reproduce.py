@@ -10,7 +10,8 @@ Three steps:
           the variant's flags. Each command is parsed as the script will parse it, so a bad
           flag fails here, before anything runs. A finished run is skipped, an interrupted
           one (last.pt) resumed, other leftovers replaced (--overwrite); a run folder whose
-          saved config.yaml differs from what the command would train is refused.
+          saved settings (its last.pt's, else config.yaml) differ from what the command would
+          train is refused.
   run     the runs not finished, --jobs at a time, stdout/stderr in OUT/logs/. A failed run
           is reported with the tail of its stderr and the others go on; exit status 1.
   report  python -m nsr report: OUT/table.md, table.csv, summary.json, curves.png
@@ -33,6 +34,7 @@ import sys
 from pathlib import Path
 
 from models import is_mlp
+from nsr.train.checkpoint import EXECUTION_KEYS, load_checkpoint
 from nsr.train.config import REGULARIZER_KEYS, to_dict, unused_settings
 from nsr.train.config import parse_args as parse_config
 from nsr.train.errors import (
@@ -51,10 +53,6 @@ REPO = Path(__file__).resolve().parents[2]  # nsr/experiments/ -> the repository
 
 VARIANTS = (Variant("vanilla", nsr=False), Variant("nsr"))
 
-# Config keys that say how a run is executed, not what it trains: they may differ between a
-# saved run and the command that would (re)train it.
-EXECUTION_KEYS = {"out", "data_dir", "device", "workers", "threads", "channels_last",
-                  "eval_batch_size", "resume", "overwrite", "quiet", "tensorboard"}
 # Flags python -m nsr reproduce sets itself, per run.
 RESERVED_FLAGS = {"--config", "--out", "--seed", "--resume", "--overwrite", "--regularizer"}
 VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -170,6 +168,19 @@ def _same(a, b) -> bool:
     return a == b
 
 
+def run_settings(folder: Path) -> dict | None:
+    """The settings of the run in `folder`: those its last.pt was trained with (config.yaml is a copy
+    for people, never trusted over the checkpoint it belongs to), or config.yaml's in a folder
+    without a checkpoint; None when it has neither. Damaged: UserError."""
+    last = folder / "last.pt"
+    if not last.is_file():
+        return report.read_settings(folder)
+    saved = load_checkpoint(str(last), mmap=True).get("config")  # the tensors are mapped, not read
+    if not isinstance(saved, dict):
+        raise UserError(f"checkpoint {last} holds no config; move that run folder away and train the run again")
+    return saved
+
+
 def folder_state(folder: Path) -> str:
     """'finished', 'resumable' (last.pt), 'stale' (other leftovers) or 'new'."""
     try:
@@ -198,7 +209,7 @@ def plan(args, variants=VARIANTS) -> list[Run]:
                 run = Run(model, variant, seed, folder, command, folder_state(folder))
                 wanted = wanted_settings(command, f"{model} {variant.name}")
                 if run.state in ("finished", "resumable"):
-                    diff = differences(report.read_settings(folder) or {}, wanted)
+                    diff = differences(run_settings(folder) or {}, wanted)
                     if diff:
                         conflicts.append(f"{folder} holds a run with other settings ({', '.join(diff)})")
                 run.command += {"resumable": ["--resume"], "stale": ["--overwrite"]}.get(run.state, [])

@@ -5,9 +5,12 @@ every check that can be made before NNI starts, the search space included."""
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import shlex
 from pathlib import Path
 
+from nsr.train.config import parse_args as parse_training_args
 from nsr.train.config import safe_load_unique
 from nsr.train.errors import UserError, one_line
 
@@ -73,6 +76,8 @@ def load_config(path: str, args: argparse.Namespace):
             extra = shlex.split(args.trial_args)
         except ValueError as e:
             raise UserError(f"--trial-args {args.trial_args!r}: {e}") from None
+        code_dir = p.parent / str(field(config, "trial_code_directory") or ".")  # (an absolute one stays)
+        _check_trial_args(command, extra, code_dir, args.trial_args)
         _set_field(config, "trial_command", f"{command} {shlex.join(extra)}")
     _apply_gpu_options(config, args)
     try:
@@ -82,6 +87,26 @@ def load_config(path: str, args: argparse.Namespace):
         raise UserError(f"NNI config {path!r}: {one_line(e)}") from None
     nw.check_search_space(space, f"NNI config {path!r}")
     return config
+
+
+def _check_trial_args(command: str, extra: list[str], code_dir, given: str) -> None:
+    """--trial-args parsed with the trial command's own options, as its training script will parse
+    them, so that a bad flag fails here, before NNI starts (python -m nsr reproduce checks --extra
+    so too). $VARIABLES of the command stand for a value; a relative --config is the trial's."""
+    try:
+        tokens = shlex.split(command)
+    except ValueError:
+        return  # the command itself is NNI's to run and report
+    script = next((i for i, t in enumerate(tokens) if t.endswith(".py")), None)
+    flags = [] if script is None else [re.sub(r"\$\{?\w+\}?", "trial", t) for t in tokens[script + 1:]
+                                       if not re.fullmatch(r"\$\{?\w+\}?", t)]
+    for i, token in enumerate(flags[:-1]):
+        if token == "--config" and not os.path.isabs(flags[i + 1]):
+            flags[i + 1] = os.path.join(str(code_dir), flags[i + 1])
+    try:
+        parse_training_args([*flags, *extra])
+    except UserError as e:
+        raise UserError(f"--trial-args {given!r}: {e}") from None
 
 
 def field(config, name: str):

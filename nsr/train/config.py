@@ -11,7 +11,6 @@ Unknown keys, wrong types and bad values raise UserError with one line that name
 from __future__ import annotations
 
 import argparse
-import difflib
 import math
 import os
 import re
@@ -27,7 +26,7 @@ from nsr.layer_outputs import check_lambda
 from nsr.regularizer import NeuronSteadiness
 
 from .data import DATASETS
-from .errors import ArgumentParser, UserError
+from .errors import ArgumentParser, UserError, closest
 
 _TRUE = {"true", "yes", "1", "on"}
 _FALSE = {"false", "no", "0", "off"}
@@ -127,8 +126,8 @@ SAVED = "checkpoint config"  # the source of from_dict's settings, in messages
 
 
 def _closest(name: str, valid: list[str], what: str = "keys") -> str:
-    match = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
-    return f"; did you mean {match[0]!r}?" if match else f"; valid {what}: {', '.join(valid)}"
+    match = closest(name, valid)
+    return f"; did you mean {match!r}?" if match else f"; valid {what}: {', '.join(valid)}"
 
 
 def _coerce(key: str, value: Any, type_str: str, source: str) -> Any:
@@ -179,6 +178,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base`: its keys merge in below (construct_mapping), later keys win
             key = self.construct_object(key_node, deep=True)
             try:
                 first = seen.setdefault(key, key_node)
@@ -197,6 +198,8 @@ def safe_load_unique(stream) -> Any:
 
 
 def load_yaml(path: str) -> dict[str, Any]:
+    if os.path.isdir(path):
+        raise UserError(f"config file {path!r} is a folder; pass a YAML file to --config")
     if not os.path.isfile(path):
         raise UserError(f"config file {path!r} not found; pass an existing YAML file to --config")
     try:

@@ -39,6 +39,7 @@ from .checkpoint import (
     save_checkpoint,
     training_state,
 )
+from .state_checks import RunParts
 from .config import Config, parse_args, to_dict
 from .console import epoch_line, print_summary, progress
 from .data import load_data
@@ -69,6 +70,9 @@ class RunHooks:
     def tensorboard_dir(self, out: str) -> str:
         """Where the run's TensorBoard event files go."""
         return os.path.join(out, "tb")
+
+
+STOP_SIGNALS = ("SIGINT", "SIGTERM")  # what StopRequest names
 
 
 class TrainingDiverged(UserError):
@@ -174,10 +178,15 @@ class Trainer:
         if self.rt.world == 1:
             stop_any, diverged = requested, not bool(self.meter.finite())
         else:
-            flags = torch.stack((torch.tensor(float(requested), device=self.rt.device),
+            # which signal: 0 none, 1 SIGINT, 2 SIGTERM (the larger wins), so that every rank,
+            # rank 0 that writes metrics.json's stopped_by included, names the one that came
+            signal_code = STOP_SIGNALS.index(stop.signal_name) + 1 if requested else 0
+            flags = torch.stack((torch.tensor(float(signal_code), device=self.rt.device),
                                  (~self.meter.finite()).float()))
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             stop_any, diverged = flags.tolist()
+            if stop_any and stop is not None and stop.signal_name is None:
+                stop.signal_name = STOP_SIGNALS[int(stop_any) - 1]
         if diverged:
             raise TrainingDiverged(_diverged_message(self.pos, since, self.saved_at, self.folder.file("last.pt")))
         return bool(stop_any)
@@ -243,18 +252,23 @@ class Trainer:
         return self.write_metrics(finished=p.epoch >= cfg.epochs, partial=partial)
 
     # -- checkpoints and reports
+    def parts(self) -> RunParts:
+        """What a checkpoint holds of this run and is checked against."""
+        return RunParts(self.cfg, self.config_dict, self.rt.world, self.model, self.optimizer, self.scheduler,
+                        self.scaler, self.reg, len(self.data.train), self.data.train.num_samples)
+
     def save(self, name: str) -> None:
         if name == "last.pt":
             self.tb.flush()  # what was logged up to this checkpoint is on disk before it
         if self.rt.main:
-            save_checkpoint(training_state(self), self.folder.file(name))
+            save_checkpoint(training_state(self.parts(), self.pos, self.meter), self.folder.file(name))
         if name == "last.pt":
             self.saved_at = (self.pos.epoch, self.pos.step)
             self.folder.commit()
             self.tb.commit()
 
     def restore(self, path: str, state: dict) -> None:
-        restore_training_state(self, path, state)
+        self.pos = restore_training_state(self.parts(), self.meter, path, state)
         self.saved_at = (self.pos.epoch, self.pos.step)
 
     def write_metrics(self, finished: bool, partial: dict | None = None) -> dict:
@@ -333,11 +347,10 @@ def _train_in(folder: OutputFolder, cfg: Config, rt: Runtime, hooks: RunHooks) -
         trainer = Trainer(cfg, rt, folder, hooks)
     if state is not None:
         trainer.restore(resume_from, state)
-    folder.begin(replace=cfg.overwrite and state is None,
-                 config_text=yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    if cfg.tensorboard and rt.main:  # only rank 0 writes
-        trainer.tb = TensorBoardLog.open(hooks.tensorboard_dir(cfg.out), trainer.pos.global_step)
     try:
+        folder.begin(fresh=state is None, config_text=yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        if cfg.tensorboard and rt.main:  # only rank 0 writes
+            trainer.tb = TensorBoardLog.open(hooks.tensorboard_dir(cfg.out), trainer.pos.global_step)
         with StopRequest() as stop, enough_memory():
             try:
                 metrics = trainer.fit(stop)
@@ -363,7 +376,8 @@ def _train_in(folder: OutputFolder, cfg: Config, rt: Runtime, hooks: RunHooks) -
 def _kept(trainer: Trainer) -> str:
     """What a run that cannot go on leaves to resume from."""
     if trainer.saved_at is None:
-        return "no checkpoint of this run was written"
+        return (f"no checkpoint of this run was written, and {trainer.folder.path} is as the run found it: "
+                "run the same command again once it can write")
     epoch, step = trainer.saved_at
     where = f"end of epoch {epoch}" if step == 0 else f"epoch {epoch + 1}, step {step}"
     return f"{trainer.folder.file('last.pt')} ({where}) is intact: continue with --resume once it can write"
@@ -376,7 +390,8 @@ def _interrupted(trainer: Trainer, signal_name: str | None) -> RunInterrupted:
     p, rt, folder = trainer.pos, trainer.rt, trainer.folder
     what = "interrupted" if signal_name in ("SIGINT", None) else f"stopped by {signal_name}"
     where = f"{what} in epoch {p.epoch + 1} at step {p.step}"
-    if folder.abandon():
+    if folder.replacing:  # stopped before its first checkpoint: the run it replaces goes back
+        folder.abandon()
         return RunInterrupted(f"{where}, before the first checkpoint; the previous run in "
                               f"{folder.path} is kept as it was")
     trainer.save("last.pt")

@@ -26,10 +26,32 @@ class ArgumentParser(argparse.ArgumentParser):
             flag = message.split(":", 1)[1].split()[0]
             options = [o for a in self._actions if a.help != argparse.SUPPRESS  # not the hidden old names
                        for o in a.option_strings if o.startswith("--")]
-            match = difflib.get_close_matches(flag.split("=")[0], options, n=1, cutoff=0.5)
-            hint = f"; did you mean {match[0]}?" if match else "; see --help"
+            match = closest(flag.split("=")[0], options)
+            hint = f"; did you mean {match}?" if match else "; see --help"
             raise UserError(f"unknown option {flag}{hint}")
         raise UserError(message)
+
+
+def closest(name: str, valid: list[str]) -> str | None:
+    """The valid flag or key that `name` most likely meant: one its words abbreviate or that
+    abbreviates it (--learning-rate -> --lr, --wd -> --weight-decay), the only one it begins
+    (--queue -> --queue-batches), else the closest spelling; None when nothing is close."""
+    def words(text: str) -> list[str]:
+        return [w for w in text.lstrip("-").lower().replace("_", "-").split("-") if w]
+
+    def initials(text: str) -> str:
+        return "".join(w[0] for w in words(text))
+
+    given = "-".join(words(name))
+    spelled = {"-".join(words(v)): v for v in valid}
+    for key, v in spelled.items():
+        if (len(words(v)) > 1 and initials(v) == given) or (len(words(name)) > 1 and initials(name) == key):
+            return v
+    begun = [v for key, v in spelled.items() if len(given) >= 3 and key.startswith(given)]
+    if len(begun) == 1:
+        return begun[0]
+    match = difflib.get_close_matches(given, list(spelled), n=1, cutoff=0.6)
+    return spelled[match[0]] if match else None
 
 
 EXIT_USER_ERROR = 2

@@ -15,10 +15,24 @@ however it dies, so holding the lock is also the proof that no earlier run is st
 a killed run left (a run set aside by --overwrite, temporaries) is repaired under the lock, and
 never by asking whether some process id is alive (ids are reused after a reboot and in containers).
 
-A finished run is never lost to a new one that cannot run: `--overwrite` moves the old run's files
-into OUT/.previous-<pid>/ and deletes them only once the new run has written its first last.pt. If
-the new run fails before that (a bad setting, NaN, Ctrl-C, an exception) they are moved back; if
-it is killed, the next run to own OUT moves them back.
+A run that starts (anything but a resumption) is pending until it has written its first last.pt,
+and the folder's other states are named by one subfolder, so that a crash at any file operation
+leaves a state the next owner recognises and repairs without losing a file:
+
+    OUT/.setting-aside-<pid>/   the run before is being moved in, file by file; the new run has
+                                written nothing yet. Repair: move everything back.
+    OUT/.previous-<pid>/        the run before, set aside whole (one rename); the run files in
+                                OUT are the new run's. Repair: the new run has a last.pt -> delete
+                                the folder; else delete the new run's files, then restore it.
+    OUT/.restoring-<pid>/       the run before is going back (one rename after the new run's files
+                                were deleted); the run files in OUT are the old run's. Repair: move
+                                the rest back.
+
+A new run in an empty folder sets aside nothing (an empty .previous-<pid>), so a run killed or
+failing before its first checkpoint leaves OUT as it found it, never a config.yaml or best.pt
+that would block the next start. `--overwrite`'s old run is deleted only once the new run has
+written its first last.pt; if the new run fails before that (a bad setting, NaN, Ctrl-C, a full
+disk) it is moved back at once, and if it is killed the next run to own OUT moves it back.
 """
 
 from __future__ import annotations
@@ -42,7 +56,9 @@ RUN_FOLDERS = ("tb",)  # set aside and put back with the files: a run's curves g
 LOCK_NAME = ".nsr.lock"
 HISTORY_KEYS = ["epoch", "train_loss", "ce_loss", "nsr_loss", "train_acc", "val_acc", "val_top5_acc",
                 "lr", "epoch_time_s"]
-_PREVIOUS = re.compile(r"^\.previous-\d+$")
+# The folder's transitions, named by one subfolder each (see above).
+SETTING_ASIDE, PREVIOUS, RESTORING = ".setting-aside-", ".previous-", ".restoring-"
+_TRANSITION = re.compile(r"^(\.setting-aside-|\.previous-|\.restoring-)(\d+)$")
 
 
 def warn(message: str) -> None:
@@ -61,7 +77,8 @@ class OutputFolder:
 
     def __init__(self, path: str, writer: bool = True):
         self.path, self.writer = path, writer
-        self.previous: str | None = None   # the replaced run, until the new one has a checkpoint
+        self.pending: str | None = None    # OUT/.previous-<pid> until this run's first last.pt
+        self.replacing = False             # ... and it holds a run (--overwrite), not nothing
         self.notice: str | None = None     # a warning for begin(): only once the run has loaded
         self._lock_fd: int | None = None
         self._created: list[str] = []      # folders acquire() made, removed again if the run never began
@@ -143,7 +160,15 @@ class OutputFolder:
         Only the lock's holder may: no other run can be writing here."""
         if not self.writer or self._lock_fd is None:
             return
-        self._recover_previous()
+        for name in sorted(os.listdir(self.path)):
+            match = _TRANSITION.match(name)
+            folder = self.file(name)
+            if match and os.path.isdir(folder) and not os.path.islink(folder):
+                try:
+                    self._finish_transition(match.group(1), match.group(2), folder)
+                except OSError as e:  # each step is one the next owner can take again
+                    raise UserError(f"{folder} holds what a killed run left, and it cannot be put back "
+                                    f"({e.strerror or e}); make {self.path} writable (or choose another --out)") from None
         remove_stale_temporaries(self.path, RUN_FILES)
 
     # -- the run's state in the folder
@@ -183,47 +208,68 @@ class OutputFolder:
                                 "run's first checkpoint), or choose another --out")
         return None
 
-    def begin(self, replace: bool, config_text: str) -> None:
-        """Once the run has loaded: set a replaced run aside, write config.yaml."""
+    def begin(self, fresh: bool, config_text: str) -> None:
+        """Once the run has loaded: a fresh run (not a resumption) sets aside what OUT holds (the
+        run it replaces, or nothing) and is pending until its first last.pt; then config.yaml."""
         if not self.writer:
             return
-        self._began = True
         if self.notice:
             warn(self.notice)
-        os.makedirs(self.path, exist_ok=True)
-        old = [n for n in RUN_FILES + RUN_FOLDERS if os.path.exists(self.file(n))]
-        if replace and old:
-            self.previous = self.file(f".previous-{os.getpid()}")
-            os.makedirs(self.previous, exist_ok=True)
-            for name in old:
-                os.replace(self.file(name), os.path.join(self.previous, name))
+        if fresh:
+            self._set_aside()
+        self._began = True
         write_atomic(self.file("config.yaml"), config_text)
 
+    def _set_aside(self) -> None:
+        """Move the run files of OUT into a fresh subfolder, then name it .previous-<pid> in one
+        rename. If a move fails (a full disk), what was moved goes back and nothing has changed."""
+        aside, previous = (self.file(f"{prefix}{os.getpid()}") for prefix in (SETTING_ASIDE, PREVIOUS))
+        old = [n for n in RUN_FILES + RUN_FOLDERS if os.path.lexists(self.file(n))]
+        try:
+            os.mkdir(aside)
+            for name in old:
+                os.rename(self.file(name), os.path.join(aside, name))
+            os.rename(aside, previous)
+        except OSError as e:
+            with contextlib.suppress(OSError):  # else the next run that owns OUT moves them back
+                _move_back(self.path, aside)
+            raise UserError(f"cannot write to output folder {self.path} ({e.strerror or e}); nothing in it "
+                            "was changed; free some space there (or choose another --out)") from None
+        self.pending = previous
+        self.replacing = bool(set(old) - {"config.yaml", *RUN_FOLDERS})  # a run's results, not a stray config.yaml
+
     def commit(self) -> None:
-        """The new run has written a checkpoint: the replaced run is no longer needed."""
-        if self.previous is not None:
-            shutil.rmtree(self.previous, ignore_errors=True)
-            self.previous = None
+        """This run has written its first checkpoint: the run it replaced is no longer needed."""
+        if self.pending is not None:
+            shutil.rmtree(self.pending, ignore_errors=True)  # what is left, the next owner deletes
+            self.pending, self.replacing = None, False
 
     def abandon(self) -> bool:
-        """The new run failed before its first checkpoint: put the replaced run back. True if one was."""
-        if self.previous is None:
+        """This run failed before its first checkpoint: delete what it wrote and put back what it
+        set aside, so that OUT is as the run found it. True if that was a run (--overwrite)."""
+        if self.pending is None:
             return False
-        _restore(self.path, self.previous)
-        self.previous = None
-        return True
+        replaced, self._began = self.replacing, False
+        with contextlib.suppress(OSError):  # a failure here leaves a state the next owner repairs
+            _restore(self.path, self.pending)
+        self.pending, self.replacing = None, False
+        return replaced
 
-    def _recover_previous(self) -> None:
-        for name in sorted(os.listdir(self.path)):
-            previous = self.file(name)
-            if not _PREVIOUS.match(name) or not os.path.isdir(previous) or os.path.islink(previous):
-                continue
-            if os.path.isfile(self.file("last.pt")):  # the new run got as far as a checkpoint
-                shutil.rmtree(previous, ignore_errors=True)
-            else:
-                _restore(self.path, previous)
-                warn(f"restored the run in {self.path} that an --overwrite run ({name[len('.previous-'):]} "
-                     "was its pid) had set aside; that run stopped before its first checkpoint")
+    def _finish_transition(self, kind: str, pid: str, folder: str) -> None:
+        """Repair what a run killed during a transition left (see the module's docstring)."""
+        if kind == PREVIOUS and os.path.isfile(self.file("last.pt")):
+            shutil.rmtree(folder)  # the new run had written its first checkpoint
+            return
+        if kind == PREVIOUS:
+            deleted, restored = _restore(self.path, folder)
+        else:
+            deleted, restored = [], _move_back(self.path, folder)
+        if restored:
+            warn(f"restored the run in {self.path} that a new run (pid {pid}) had set aside "
+                 f"({', '.join(restored)}); that run stopped before its first checkpoint")
+        elif deleted:
+            warn(f"deleted {', '.join(deleted)} in {self.path}: a run (pid {pid}) wrote them and stopped "
+                 "before its first checkpoint")
 
     def write_metrics(self, metrics: dict) -> None:
         if not self.writer:
@@ -264,17 +310,31 @@ def _same_file(fd: int, path: str) -> bool:
     return (st.st_dev, st.st_ino) == (here.st_dev, here.st_ino)
 
 
-def _restore(out: str, previous: str) -> None:
-    """Replace the run files in `out` by those saved in `previous`, then remove `previous`."""
+def _restore(out: str, previous: str) -> tuple[list[str], list[str]]:
+    """Delete the pending run's files in `out`, then move those set aside in `previous` back (the
+    folder renamed .restoring-<pid> first: from then on the run files in `out` are the old run's).
+    Returns (deleted, restored) names."""
+    deleted = []
     for name in RUN_FILES:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(out, name))
-        except FileNotFoundError:
-            pass
-    for name in RUN_FOLDERS:  # the failed run's, where the replaced run had one set aside
-        if os.path.isdir(os.path.join(previous, name)):
-            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
-    for name in os.listdir(previous):
-        if name in RUN_FILES + RUN_FOLDERS:
-            os.replace(os.path.join(previous, name), os.path.join(out, name))
-    shutil.rmtree(previous, ignore_errors=True)
+            deleted.append(name)
+    for name in RUN_FOLDERS:  # the pending run's curves; a kill in between repeats this step
+        if os.path.isdir(os.path.join(out, name)):
+            shutil.rmtree(os.path.join(out, name))
+            deleted.append(name)
+    restoring = os.path.join(out, RESTORING + os.path.basename(previous)[len(PREVIOUS):])
+    os.rename(previous, restoring)
+    return deleted, _move_back(out, restoring)
+
+
+def _move_back(out: str, folder: str) -> list[str]:
+    """Move the run files in `folder` (set aside from `out`) back into `out`, then remove it."""
+    restored = []
+    for name in RUN_FILES + RUN_FOLDERS:
+        if os.path.lexists(os.path.join(folder, name)):
+            os.replace(os.path.join(folder, name), os.path.join(out, name))
+            restored.append(name)
+    with contextlib.suppress(OSError):  # not empty: someone else's file is in it; it stays, with the folder
+        os.rmdir(folder)
+    return restored

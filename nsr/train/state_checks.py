@@ -16,34 +16,52 @@ import torch
 from torch import nn
 
 from .build import replay_schedule
+from .config import Config
 from .errors import UserError
 from .meters import Position
 
 PARTS = ("model", "optimizer", "scheduler", "scaler", "nsr", "rng", "position", "meter")
 
 
-def check_training_state(trainer, path: str, state: dict) -> tuple[Position, dict]:
+@dataclasses.dataclass
+class RunParts:
+    """What a training checkpoint holds of a run and is checked against: the engine hands these
+    over (nsr/train/engine.py Trainer.parts), and nothing else of the run is read."""
+    cfg: Config
+    config: dict                  # cfg as recorded (config.to_dict)
+    world: int                    # processes (torchrun)
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    reg: nn.Module | None         # NeuronSteadiness, CenterLoss, or None (vanilla)
+    steps_per_epoch: int          # of each process
+    samples_per_epoch: int        # training samples of each process in an epoch
+
+
+def check_training_state(run: RunParts, path: str, state: dict) -> tuple[Position, dict]:
     """Every part of a checkpoint against the run; ValueError for the first that does not fit.
     Returns the position and the scheduler state to load (the schedule rebuilt for this run)."""
     missing = [p for p in PARTS if p not in state]
     if missing:
         raise ValueError(f"it lacks {', '.join(missing)}")
-    check_tensors(state["model"], trainer.model.state_dict(), "model")
+    check_tensors(state["model"], run.model.state_dict(), "model")
+    check_position_fields(state["position"])
     pos = Position.from_state(state["position"])
-    check_position(pos, len(trainer.data.train))
-    check_meter(state["meter"], pos.step, trainer.cfg.batch_size, trainer.data.train.num_samples)
-    check_optimizer(state["optimizer"], trainer.optimizer, pos.global_step)
-    check_scaler(state["scaler"], trainer.scaler.state_dict())
+    check_position(pos, run.steps_per_epoch)
+    check_meter(state["meter"], pos.step, run.cfg.batch_size, run.samples_per_epoch)
+    check_optimizer(state["optimizer"], run.optimizer, pos.global_step)
+    check_scaler(state["scaler"], run.scaler.state_dict())
     if not isinstance(state["nsr"], dict):
         raise ValueError("nsr must be a mapping of the regularizer's state")
-    if trainer.reg is not None:
-        check_regularizer(trainer.reg, state["nsr"], pos.global_step)
+    if run.reg is not None:
+        check_regularizer(run.reg, state["nsr"], pos.global_step)
     check_rng(state["rng"])
     last_epoch = state["scheduler"].get("last_epoch") if isinstance(state["scheduler"], dict) else None
     if last_epoch != pos.epoch or not is_int(last_epoch):
         raise ValueError(f"scheduler last_epoch {last_epoch!r} is not the position's epoch {pos.epoch}")
     lrs = [row["lr"] for row in pos.history] + [g["lr"] for g in state["optimizer"]["param_groups"][:1]]
-    return pos, _check_schedule(trainer.cfg, path, state["config"], lrs)
+    return pos, _check_schedule(run.cfg, path, state["config"], lrs)
 
 
 def check_regularizer(reg: nn.Module, saved: dict, steps: int) -> None:
@@ -185,6 +203,25 @@ def check_rng(saved) -> None:
             raise ValueError("rng cuda must hold one state per GPU")
         for i, s in enumerate(cuda):
             _check_tensor(s, torch.cuda.get_rng_state(0).shape, torch.uint8, "rng", f"cuda state {i}")
+
+
+def check_position_fields(state) -> None:
+    """The types of a checkpoint's position: whole numbers, numbers (test accuracies may be None),
+    a list of rows."""
+    if not isinstance(state, dict):
+        raise ValueError("position must be a mapping")
+    defaults = Position()
+    for name in ("epoch", "step", "global_step", "best_epoch"):
+        value = state.get(name, getattr(defaults, name))
+        if not is_int(value) or value < -1:
+            raise ValueError(f"position {name} must be an int, got {value!r}")
+    for name in ("best_val_acc", "train_time_s", "eval_time_s", "epoch_time_s", "test_acc", "test_top5_acc"):
+        value = state.get(name, getattr(defaults, name))
+        if not (value is None and name.startswith("test")) and (not _is_number(value) or math.isnan(value)):
+            raise ValueError(f"position {name} must be a number, got {value!r}")
+    history = state.get("history", [])
+    if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
+        raise ValueError("position history must be a list of rows")
 
 
 def check_position(pos: Position, steps_per_epoch: int) -> None:
