@@ -21,8 +21,8 @@ import torch
 import yaml
 
 from nsr.train.checkpoint import load_checkpoint
-from nsr.train.outdir import RUN_FILES
-from tests.helpers import assert_one_error_line, fingerprint, outcome, run_script, snapshot
+from nsr.train.outdir import RUN_FILES, RUN_FOLDERS
+from tests.helpers import assert_one_error_line, fingerprint, outcome, read_scalars, run_script, snapshot
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 INVOCATION = {"out", "resume", "overwrite"}  # config.yaml keys that name the command, not the run
@@ -51,7 +51,12 @@ def _settings(path) -> dict:
 
 def assert_the_new_run(out, straight, where: str) -> None:
     """`out` holds exactly the run of `straight`: the same files, results, weights and settings."""
-    assert sorted(os.listdir(out)) == sorted(RUN_FILES), where
+    # the run files, and tb/ where the straight run logs TensorBoard curves
+    assert sorted(os.listdir(out)) == sorted(os.listdir(straight)), where
+    assert set(RUN_FILES) <= set(os.listdir(out)), where
+    if os.path.isdir(os.path.join(straight, "tb")):
+        # TensorBoard's reader applies a resumed run's purge of the steps it logs again
+        assert _curves(out) == _curves(straight), where
     with open(os.path.join(out, "metrics.json")) as f, open(os.path.join(straight, "metrics.json")) as g:
         got, want = json.load(f), json.load(g)
     assert got["finished"] is True and outcome(got) == outcome(want), where
@@ -60,6 +65,11 @@ def assert_the_new_run(out, straight, where: str) -> None:
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (where, name)
     assert _history(os.path.join(out, "history.csv")) == _history(os.path.join(straight, "history.csv")), where
     assert _settings(os.path.join(out, "config.yaml")) == _settings(os.path.join(straight, "config.yaml")), where
+
+
+def _curves(out) -> dict:
+    """Every logged scalar but the timing, as TensorBoard reads the run's tb/."""
+    return {tag: points for tag, points in read_scalars(os.path.join(out, "tb")).items() if tag != "time/epoch_s"}
 
 
 def _where(point: dict) -> str:
@@ -107,7 +117,8 @@ def test_a_restore_killed_at_each_file_operation_still_gives_back_the_old_run(tm
     result = crash_points(tmp_path, "kill", "restore")
     undisturbed = result["undisturbed"]
     assert undisturbed["exit"] == 130 and "the previous run in" in undisturbed["stderr"]
-    assert sum(op.startswith(("rename .previous-", "replace .restoring-")) for op in result["ops"]) == 1 + 5
+    moves = sum(op.startswith(("rename .previous-", "replace .restoring-")) for op in result["ops"])
+    assert moves == 1 + len(RUN_FILES) + len(RUN_FOLDERS)  # the folder, then each file and tb/
     old = fingerprint(tmp_path / "old")
     for point in result["points"]:
         where, out = _where(point), tmp_path / "points" / str(point["n"]) / "run"

@@ -114,6 +114,12 @@ def remove_stale_temporaries(folder: str | os.PathLike, names: tuple[str, ...]) 
 
 # ---------------------------------------------------------------------------------- failures
 
+def write_failure(path: str, cause: OSError) -> WriteError:
+    """The one message of a write the machine refused (full disk, permissions, ...), for writers
+    that cannot go through atomic_path (a log appended to as the run trains)."""
+    return WriteError(_write_message(path, cause))
+
+
 def _os_cause(exc: BaseException, path: str) -> OSError | None:
     """The OS error behind a failed write: `exc` itself, one it was raised from, or, for torch's
     zip writer, which keeps no cause, the full disk or a generic I/O error. None: not a write failure."""

@@ -180,6 +180,11 @@ class OutputFolder:
             if os.path.lexists(path) and (os.path.islink(path) or not os.path.isfile(path)):
                 raise UserError(f"{path} is not a regular file (a folder, a link, a pipe, ...); move it away, "
                                 "or choose another --out")
+        for name in RUN_FOLDERS:  # set aside and restored with the run: never someone else's file
+            path = self.file(name)
+            if os.path.lexists(path) and (os.path.islink(path) or not os.path.isdir(path)):
+                raise UserError(f"{path} is not a folder (a file, a link, ...), where a run keeps its TensorBoard "
+                                "events; move it away, or choose another --out")
         last = self.file("last.pt")
         if resume and os.path.isfile(last):
             return last

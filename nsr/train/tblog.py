@@ -19,6 +19,7 @@ log again can be lost.
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import socket
@@ -26,6 +27,7 @@ import sys
 import time
 
 from .errors import UserError, one_line
+from .fileio import write_failure
 
 STEP_EVERY = 50  # steps between per-step scalars: one read of the step's losses (a host sync on a GPU)
 EVENT_FILES = "events.out.tfevents.*"
@@ -71,8 +73,10 @@ class TensorBoardLog:
             os.makedirs(log_dir, exist_ok=True)
             records = RecordWriter(open(path, "xb"))
         except OSError as e:
-            raise UserError(f"cannot write TensorBoard events to {log_dir} ({one_line(e)}); "
-                            "free that path, or pass --no-tensorboard") from None
+            if e.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):  # something in the way
+                raise UserError(f"cannot write TensorBoard events to {log_dir} ({one_line(e)}); "
+                                "free that path, or pass --no-tensorboard") from None
+            raise write_failure(path, e) from None  # a full disk, say: as for every other file
         log = cls((records, Event, scalar), stale=before if global_step == 0 else [])
         log.path = path
         log._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
