@@ -1,5 +1,5 @@
 # Commands for a fresh machine; each makes the virtual environment when it is missing.
-#   make demo   MLP-4 vanilla vs MLP-4 + NSR on scikit-learn's digits (no download), 1-2 min on 2 cores
+#   make demo   MLP-4 vanilla vs MLP-4 + NSR on scikit-learn's digits (no download); its time: docs/speed.md
 #   make test   the test suite (what CI runs: `bash .ci/run`)
 #   make test-quick   the suite without the tests marked slow (processes, NNI, DDP, pip), for the edit-test loop
 PY ?= python3

@@ -32,7 +32,8 @@ part gpu_cifar
 timeout 300 $py bench/gpu_cifar.py --out "$out" 2>&1 | tee "$out/gpu_cifar.txt"
 
 part tests
-timeout 150 $py -m pytest -p no:cacheprovider -rs tests/test_regularizer.py tests/test_augment.py \
+timeout 150 $py -m pytest -p no:cacheprovider -rs tests/test_nsr_loss.py tests/test_nsr_arguments.py \
+    tests/test_hooks_and_layer_names.py tests/test_augment.py \
     tests/test_models_cnn.py tests/test_cnn_engine.py 2>&1 | tail -15 | tee "$out/tests.txt"
 
 part smoke

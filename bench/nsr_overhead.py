@@ -75,7 +75,7 @@ class PlainNSR:
     """NSR in plain public torch: slot k of `ring` (K x C x (D+1)) holds batch k's per-class sums
     of the detached responses and, in the last column, its per-class sample counts. The class
     means are the ring summed over its K slots, sums over counts; the loss is F.mse_loss against them.
-    tests/test_regularizer.py checks that it computes NeuronSteadiness's loss."""
+    tests/test_library_inputs.py checks that it computes NeuronSteadiness's loss."""
 
     def __init__(self, num_classes, K):
         self.C, self.K, self.ring, self.ptr = num_classes, K, None, 0

@@ -129,7 +129,7 @@ def test_lambda_change_takes_effect():
     total = reg(batches[3][1])
     assert total.item() == pytest.approx(0.5 * reg.last["flatten"].item() + 5.0 * reg.last["fc"].item(),
                                          rel=1e-12)
-    # Checked on set (more cases, shared with NSR, in test_regularizer.py): a refused value changes nothing.
+    # Checked on set (more cases, shared with NSR, in test_layer_regularizer.py): a refused value changes nothing.
     with pytest.raises(ValueError, match=r"'out' is not one of the center-loss layers \['flatten', 'fc'\]"):
         reg.lambdas["out"] = 1.0
     with pytest.raises(ValueError, match="must be a finite number >= 0, got inf"):

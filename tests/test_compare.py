@@ -1,7 +1,7 @@
 """python -m nsr compare: the tuning choice, the final table's statistics and the sensitivity sweep, with a
 stand-in for training that writes metrics.json from each run's real parsed config (fast and
 deterministic). Training itself is tested elsewhere; the real scripts and the compare stages
-meet in test_baselines.py's options and test_reproduce.py's end-to-end run."""
+meet in test_baseline_options.py's options and test_reproduce.py's end-to-end run."""
 
 import json
 import math

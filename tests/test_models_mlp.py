@@ -20,7 +20,7 @@ EXPECTED = {
 }
 
 
-def test_parameter_counts_match_the_issue():
+def test_parameter_counts_match_the_hand_count():
     assert EXPECTED == {"mlp3": 79_510, "mlp4": 227_670, "mlp6": 244_522, "mlp8": 245_946, "mlp10": 250_378}
     for name, count in EXPECTED.items():
         model = build_model(name, 10, (1, 28, 28))

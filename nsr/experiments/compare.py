@@ -1,4 +1,4 @@
-"""NSR against its nearest relatives, and how sensitive it is to λ and K (issue 14).
+"""NSR against its nearest relatives, and how sensitive it is to λ and K.
 
     python -m nsr compare --data-dir /usr/share/datasets/fashion-mnist --out runs/compare --jobs 2
 
