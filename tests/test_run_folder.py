@@ -71,7 +71,7 @@ def test_a_new_run_killed_before_its_first_checkpoint_does_not_block_the_next(tm
     assert result.code == 0, result.err
     assert result.err.strip() == f"warning: deleted config.yaml, best.pt in {out}: a run (pid 4242) wrote them " \
                                  "and stopped before its first checkpoint"
-    assert sorted(os.listdir(out)) == sorted(RUN_FILES)
+    assert sorted(os.listdir(out)) == sorted([*RUN_FILES, "tb"])
     assert outcome(metrics(out)) == outcome(metrics(reference))
 
 
@@ -315,7 +315,12 @@ def test_settings_of_execution_may_change_on_resume_and_in_reproduce_alike(tmp_p
     result = run_in_process(SCRIPT, *DIGITS, "--epochs", "2", "--threads", "2", "--eval-batch-size", "64",
                             "--out", out, "--resume")
     assert result.code == 0, result.err
-    assert outcome(metrics(out)) == outcome(metrics(finished(tmp_path, "reference")))
+    got, want = outcome(metrics(out)), outcome(metrics(finished(tmp_path, "reference")))
+    # the steadiness figure sums the validation set in eval batches: other batches, other rounding
+    for a, b in zip(got["history"], want["history"]):
+        for key in [k for k in b if k.startswith("intra_var_")]:
+            assert a.pop(key) == pytest.approx(b.pop(key), rel=1e-5), key
+    assert got == want
     saved = checkpoint.load_checkpoint(os.path.join(out, "last.pt"))["config"]
     assert reproduce.differences(saved, {**saved, "threads": 0, "eval_batch_size": 1000, "out": "x"}) == []
     assert reproduce.differences(saved, {**saved, "epochs": 3}) == ["epochs: 2 -> 3"]
