@@ -143,8 +143,8 @@ def _check_not_shrunk(path: str, position, config: dict) -> None:
     if is_int(epoch) and is_int(step) and is_int(epochs) and (epoch, step) > (epochs, 0):
         trained = f"{epoch} epochs" + (f" and {step} steps of epoch {epoch + 1}" if step else "")
         raise UserError(f"cannot resume {path} with --epochs {epochs}: it has trained {trained}; resume with "
-                        f"--epochs {epoch + (1 if step else 0)} or more, or train {epochs} epochs from the "
-                        "start in a new --out")
+                        f"--epochs {epoch + (1 if step else 0)} or more, or train {epochs} epoch{'s' * (epochs != 1)} "
+                        "from the start in a new --out")
     if is_int(steps) and is_int(max_steps) and steps > max_steps:
         raise UserError(f"cannot resume {path} with --max-steps {max_steps}: it has taken {steps} steps; resume "
                         f"with --max-steps {steps} or more (or none), or start a new --out")
