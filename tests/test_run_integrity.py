@@ -39,7 +39,7 @@ from nsr.train.config import parse_args
 from nsr.train.engine import main, train
 from nsr.train.errors import UserError
 from nsr.train.fileio import write_json
-from nsr.train.outdir import LOCK_NAME, RUN_FILES, OutputFolder
+from nsr.train.outdir import LOCK_NAME, RUN_FILES, RUN_FOLDERS, OutputFolder
 from tests.helpers import ROOT, assert_one_error_line, free_port
 
 MLP4 = os.path.join(ROOT, "configs", "mlp4.yaml")  # fdnn_nsr.py's default config
@@ -149,7 +149,7 @@ def test_what_a_killed_run_left_is_repaired_under_the_lock_not_by_pid(tmp_path, 
     train(parse_args([*FAST, "--epochs", "1", "--out", out], default_config=MLP4))
     before = fingerprint(out)
     os.makedirs(os.path.join(out, ".previous-1"))
-    for name in RUN_FILES:
+    for name in (*RUN_FILES, *RUN_FOLDERS):  # what --overwrite sets aside
         os.replace(os.path.join(out, name), os.path.join(out, ".previous-1", name))
     with open(os.path.join(out, LOCK_NAME), "w") as f:
         f.write("pid 1 on elsewhere, started 2020-01-01 00:00:00 UTC\n")  # its lock died with it

@@ -454,7 +454,7 @@ def test_search_real_experiment_two_trials(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_search_reports_failed_trial(tmp_path):
-    cmd = _search_cmd(tmp_path, "--max-trials", "1", "--trial-args", QUICK + " --lr -1")
+    cmd = _search_cmd(tmp_path, "--max-trials", "1", "--trial-args", QUICK + " --regularized-layers nosuchlayer")
     r = subprocess.run(cmd, cwd=REPO, env=_clean_env(tmp_path), capture_output=True, text=True,
                        timeout=180)
     assert r.returncode != 0
@@ -463,8 +463,8 @@ def test_search_reports_failed_trial(tmp_path):
     trials = json.loads((tmp_path / "out" / "trials.json").read_text())
     (t,) = trials["trials"]
     assert t["status"] == "FAILED" and t["best_val_acc"] is None
-    assert t["error"].startswith("error: lr must be")  # the trial's own one-line message
-    assert "FAILED" in r.stdout and "lr must be" in r.stdout
+    assert t["error"].startswith("error: NSR layer 'nosuchlayer' is not a module")  # the trial's own line
+    assert "FAILED" in r.stdout and "nosuchlayer" in r.stdout
     assert not (tmp_path / "out" / "best.json").exists()
     _assert_no_leftovers(tmp_path, trials["experiment_id"])
 
