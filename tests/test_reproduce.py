@@ -486,8 +486,7 @@ def _table_cells(out):
 
 
 def test_report_on_the_papers_data_puts_the_papers_rows_beside_ours(tmp_path):
-    """MLP-4 and MLP-10 on MNIST get the paper's rows (its README's figures, the gain recomputed by
-    hand); a column on another data set gets "—", and a table with no such column no paper rows."""
+    """MLP-4 and MLP-10 on MNIST get the paper's rows (its README's figures); a column on another data set gets "—", and a table with no such column no paper rows."""
     out = tmp_path / "mnist"
     for model, dataset in (("mlp4", "mnist"), ("mlp10", "mnist"), ("mlp6", "fashion-mnist")):
         for variant, errors in (("vanilla", (2.4, 2.3)), ("nsr", (1.7, 1.6))):
@@ -502,10 +501,27 @@ def test_report_on_the_papers_data_puts_the_papers_rows_beside_ours(tmp_path):
     assert cells["Vanilla"] == ["2.35±0.07"] * 3
     assert cells["Vanilla (paper)"] == ["2.29±0.07", "—", "3.06±0.06"]
     assert cells["Vanilla + NSR (paper)"] == ["1.64±0.04", "—", "1.72±0.14"]
-    # (2.29 - 1.64) / 2.29 and (3.06 - 1.72) / 3.06: the paper's own 28.38 % and 43.79 %
+    # as the paper prints them; (2.29 - 1.64) / 2.29 and (3.06 - 1.72) / 3.06 give the same
     assert cells["Gain (paper)"] == ["28.38%", "—", "43.79%"]
     _cli("-m nsr report", str(out), "--models", "mlp6", expect=0)
     assert "paper" not in (out / "table.md").read_text()
+
+
+def test_report_rebuilds_the_committed_mnist_table_with_the_papers_rows(tmp_path):
+    """RESULTS.md's MNIST table (run folders are not committed; each seed's numbers are, in
+    summary.json): folders rebuilt from them give the committed table, the paper's rows included."""
+    committed = REPO / "results" / "mnist" / "paper_lambda"
+    out = tmp_path / "mnist"
+    for model, entry in json.loads((committed / "summary.json").read_text()).items():
+        for variant, detail in entry.items():
+            for seed, m in detail["runs"].items():
+                folder = report.run_dir(out, model, variant, int(seed))
+                folder.mkdir(parents=True)
+                (folder / "metrics.json").write_text(json.dumps({**m, "finished": True}))
+    _cli("-m nsr report", str(out), expect=0)
+    want = [l for l in (committed / "table.md").read_text().splitlines() if l.startswith("|")]
+    got = [l for l in (out / "table.md").read_text().splitlines() if l.startswith("|")]
+    assert got == want and got[-1].startswith("| Gain (paper)")
 
 
 # ------------------------------------------------------------------------------- bad input

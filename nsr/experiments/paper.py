@@ -5,17 +5,18 @@ from __future__ import annotations
 
 from . import stats
 
-# model: (the paper's data set, vanilla (mean, std), vanilla + NSR (mean, std), λ chosen by NNI).
-# ResNet-50's figures are top-5 errors on ImageNet; its λ is not given.
+# model: (the paper's data set, vanilla (mean, std), vanilla + NSR (mean, std), its printed gain %,
+# λ chosen by NNI). The printed gain is the paper's own; MLP-8's (30.87 %) is not the one its
+# rounded means give (31.01 %). ResNet-50's figures are top-5 errors on ImageNet; its λ is not given.
 TABLE = {
-    "mlp3": ("mnist", (3.09, 0.10), (2.80, 0.08), 0.02475),
-    "mlp4": ("mnist", (2.29, 0.07), (1.64, 0.04), 7.4865),
-    "mlp6": ("mnist", (2.44, 0.09), (1.76, 0.06), 0.0538),
-    "mlp8": ("mnist", (2.87, 0.09), (1.98, 0.09), 0.2542),
-    "mlp10": ("mnist", (3.06, 0.06), (1.72, 0.14), 0.4158),
-    "resnet18_cifar10": ("cifar10", (4.22, 0.07), (3.74, 0.08), 0.5),
-    "vgg19_cifar10": ("cifar10", (9.19, 0.17), (8.09, 0.10), 0.11),
-    "resnet50_imagenet": ("imagenet", (7.82, 0.07), (6.98, 0.08), None),
+    "mlp3": ("mnist", (3.09, 0.10), (2.80, 0.08), 9.39, 0.02475),
+    "mlp4": ("mnist", (2.29, 0.07), (1.64, 0.04), 28.38, 7.4865),
+    "mlp6": ("mnist", (2.44, 0.09), (1.76, 0.06), 27.87, 0.0538),
+    "mlp8": ("mnist", (2.87, 0.09), (1.98, 0.09), 30.87, 0.2542),
+    "mlp10": ("mnist", (3.06, 0.06), (1.72, 0.14), 43.79, 0.4158),
+    "resnet18_cifar10": ("cifar10", (4.22, 0.07), (3.74, 0.08), 11.37, 0.5),
+    "vgg19_cifar10": ("cifar10", (9.19, 0.17), (8.09, 0.10), 11.97, 0.11),
+    "resnet50_imagenet": ("imagenet", (7.82, 0.07), (6.98, 0.08), 10.74, None),
 }
 
 
@@ -34,6 +35,5 @@ def rows(columns: dict[str, tuple[str, str]]) -> list[list[str]]:
     return [
         ["Vanilla (paper)", *(cell(t, lambda p: stats.format_mean_std(*p[1])) for t in columns)],
         ["Vanilla + NSR (paper)", *(cell(t, lambda p: stats.format_mean_std(*p[2])) for t in columns)],
-        ["Gain (paper)", *(cell(t, lambda p: stats.format_gain(stats.relative_gain(p[1][0], p[2][0])))
-                           for t in columns)],
+        ["Gain (paper)", *(cell(t, lambda p: stats.format_gain(p[3])) for t in columns)],
     ]

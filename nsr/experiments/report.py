@@ -45,7 +45,7 @@ DISPLAY_NAMES = {
     "resnet18_cifar10": "ResNet-18", "vgg19_cifar10": "VGG-19", "resnet50_imagenet": "ResNet-50",
 }
 SEED_FOLDER = re.compile(r"seed(\d+)")
-SUMMARY_KEYS = ("test_error", "test_acc", "best_epoch", "best_val_acc", "epochs", "lambda",
+SUMMARY_KEYS = ("dataset", "test_error", "test_acc", "best_epoch", "best_val_acc", "epochs", "lambda",
                 "train_time_s", "num_params")
 
 
