@@ -1,4 +1,4 @@
-"""Issue #7: bad input gives one clear line and changes nothing; faults never cost a run.
+"""Bad input gives one clear line and changes nothing; faults never cost a run.
 
 Where each failure mode is tested (checks that already live elsewhere are referenced, not repeated):
 

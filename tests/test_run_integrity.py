@@ -1,4 +1,4 @@
-"""Issue #20: runs you can trust, through the real entry points (main / train / the scripts).
+"""Runs you can trust, through the real entry points (main / train / the scripts).
 
   1. one owner per output folder       the folder's flock, repairs under it, temporaries by name
   2. a resumed run is the same run     schedules, process count, SIGTERM, --max-steps, inputs that
