@@ -460,67 +460,33 @@ def test_a_bad_variant_is_one_error_line_before_anything_runs(fake_repo, tmp_pat
     assert message in result.err and not _calls(calls) and not (tmp_path / "out").exists()
 
 
-def test_report_reads_the_committed_fashion_mnist_layout(tmp_path):
-    """The Fashion-MNIST runs of RESULTS.md (run folders are not committed; their per-seed numbers
-    are, in summary.json): run folders rebuilt from them give the committed table, digit for digit."""
-    committed = REPO / "results" / "fashion-mnist" / "paper_lambda"
-    if not (committed / "summary.json").is_file():
-        pytest.skip("results/fashion-mnist/paper_lambda not present")
-    out = tmp_path / "fmnist"
+def _rebuilt_table(committed, out, seeds_of) -> tuple[list[str], list[str]]:
+    """Run folders rebuilt from a committed summary.json (`seeds_of(entry)`: (variant, {seed:
+    metrics}) pairs), then `python -m nsr report`: (the rows it writes, the committed rows)."""
     for model, entry in json.loads((committed / "summary.json").read_text()).items():
-        for variant in ("vanilla", "nsr"):
-            for seed, m in entry[variant].items():
+        for variant, runs in seeds_of(entry):
+            for seed, m in runs.items():
                 folder = report.run_dir(out, model, variant, int(seed))
                 folder.mkdir(parents=True)
                 (folder / "metrics.json").write_text(json.dumps({**m, "finished": True}))
     _cli("-m nsr report", str(out), expect=0)
-    want = [l for l in (committed / "table.md").read_text().splitlines() if l.startswith("|")]
-    got = [l for l in (out / "table.md").read_text().splitlines() if l.startswith("|")]
+    rows = [[line for line in (folder / "table.md").read_text().splitlines() if line.startswith("|")]
+            for folder in (out, committed)]
+    return rows[0], rows[1]
+
+
+def test_report_reads_the_committed_fashion_mnist_layout(tmp_path):
+    """The Fashion-MNIST runs of RESULTS.md (run folders are not committed; their per-seed numbers
+    are, in summary.json, in its first layout): the rebuilt table is the committed one, digit for digit."""
+    got, want = _rebuilt_table(REPO / "results" / "fashion-mnist" / "paper_lambda", tmp_path / "fmnist",
+                               lambda entry: ((v, entry[v]) for v in ("vanilla", "nsr")))
     assert got == want and len(got) == 6
 
 
-def _table_cells(out):
-    """{row label: [cell, ...]} of OUT/table.md."""
-    rows = [line.split("|")[1:-1] for line in (out / "table.md").read_text().splitlines() if line.startswith("|")]
-    return {row[0].strip(): [cell.strip() for cell in row[1:]] for row in rows}
-
-
-def test_report_on_the_papers_data_puts_the_papers_rows_beside_ours(tmp_path):
-    """MLP-4 and MLP-10 on MNIST get the paper's rows (its README's figures); a column on another data set gets "—", and a table with no such column no paper rows."""
-    out = tmp_path / "mnist"
-    for model, dataset in (("mlp4", "mnist"), ("mlp10", "mnist"), ("mlp6", "fashion-mnist")):
-        for variant, errors in (("vanilla", (2.4, 2.3)), ("nsr", (1.7, 1.6))):
-            for seed, error in enumerate(errors):
-                folder = report.run_dir(out, model, variant, seed)
-                folder.mkdir(parents=True)
-                (folder / "metrics.json").write_text(json.dumps(
-                    {"finished": True, "dataset": dataset, "test_error": error}))
-    _cli("-m nsr report", str(out), expect=0)
-    cells = _table_cells(out)
-    assert cells["Model"] == ["MLP-4", "MLP-6", "MLP-10"]
-    assert cells["Vanilla"] == ["2.35±0.07"] * 3
-    assert cells["Vanilla (paper)"] == ["2.29±0.07", "—", "3.06±0.06"]
-    assert cells["Vanilla + NSR (paper)"] == ["1.64±0.04", "—", "1.72±0.14"]
-    # as the paper prints them; (2.29 - 1.64) / 2.29 and (3.06 - 1.72) / 3.06 give the same
-    assert cells["Gain (paper)"] == ["28.38%", "—", "43.79%"]
-    _cli("-m nsr report", str(out), "--models", "mlp6", expect=0)
-    assert "paper" not in (out / "table.md").read_text()
-
-
 def test_report_rebuilds_the_committed_mnist_table_with_the_papers_rows(tmp_path):
-    """RESULTS.md's MNIST table (run folders are not committed; each seed's numbers are, in
-    summary.json): folders rebuilt from them give the committed table, the paper's rows included."""
-    committed = REPO / "results" / "mnist" / "paper_lambda"
-    out = tmp_path / "mnist"
-    for model, entry in json.loads((committed / "summary.json").read_text()).items():
-        for variant, detail in entry.items():
-            for seed, m in detail["runs"].items():
-                folder = report.run_dir(out, model, variant, int(seed))
-                folder.mkdir(parents=True)
-                (folder / "metrics.json").write_text(json.dumps({**m, "finished": True}))
-    _cli("-m nsr report", str(out), expect=0)
-    want = [l for l in (committed / "table.md").read_text().splitlines() if l.startswith("|")]
-    got = [l for l in (out / "table.md").read_text().splitlines() if l.startswith("|")]
+    """RESULTS.md's MNIST table, rebuilt the same way, the paper's rows included."""
+    got, want = _rebuilt_table(REPO / "results" / "mnist" / "paper_lambda", tmp_path / "mnist",
+                               lambda entry: ((v, detail["runs"]) for v, detail in entry.items()))
     assert got == want and got[-1].startswith("| Gain (paper)")
 
 
