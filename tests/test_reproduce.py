@@ -490,6 +490,34 @@ def test_report_rebuilds_the_committed_mnist_table_with_the_papers_rows(tmp_path
     assert got == want and got[-1].startswith("| Gain (paper)")
 
 
+def _table_cells(out):
+    """{row label: [cell, ...]} of OUT/table.md."""
+    rows = [line.split("|")[1:-1] for line in (out / "table.md").read_text().splitlines() if line.startswith("|")]
+    return {row[0].strip(): [cell.strip() for cell in row[1:]] for row in rows}
+
+
+def test_report_on_the_papers_data_puts_the_papers_rows_beside_ours(tmp_path):
+    """MLP-4 and MLP-10 on MNIST get the paper's rows (its README's figures); a column on another data set gets "—", and a table with no such column no paper rows."""
+    out = tmp_path / "mnist"
+    for model, dataset in (("mlp4", "mnist"), ("mlp10", "mnist"), ("mlp6", "fashion-mnist")):
+        for variant, errors in (("vanilla", (2.4, 2.3)), ("nsr", (1.7, 1.6))):
+            for seed, error in enumerate(errors):
+                folder = report.run_dir(out, model, variant, seed)
+                folder.mkdir(parents=True)
+                (folder / "metrics.json").write_text(json.dumps(
+                    {"finished": True, "dataset": dataset, "test_error": error}))
+    _cli("-m nsr report", str(out), expect=0)
+    cells = _table_cells(out)
+    assert cells["Model"] == ["MLP-4", "MLP-6", "MLP-10"]
+    assert cells["Vanilla"] == ["2.35±0.07"] * 3
+    assert cells["Vanilla (paper)"] == ["2.29±0.07", "—", "3.06±0.06"]
+    assert cells["Vanilla + NSR (paper)"] == ["1.64±0.04", "—", "1.72±0.14"]
+    # as the paper prints them; (2.29 - 1.64) / 2.29 and (3.06 - 1.72) / 3.06 give the same
+    assert cells["Gain (paper)"] == ["28.38%", "—", "43.79%"]
+    _cli("-m nsr report", str(out), "--models", "mlp6", expect=0)
+    assert "paper" not in (out / "table.md").read_text()
+
+
 # ------------------------------------------------------------------------------- bad input
 
 def _cli(command, *args, expect=2):

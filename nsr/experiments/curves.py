@@ -82,11 +82,15 @@ def plot(path: Path, panels: list[dict]) -> Path:
     plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(len(panels), 2, figsize=(9.6, 3.6 * len(panels)), squeeze=False)
+    # runs from before the steadiness was logged have none to show: accuracy alone, then
+    steady = any(panel["layer"] for panel in panels)
+    fig, axes = plt.subplots(len(panels), 1 + steady, figsize=(4.8 * (1 + steady), 3.6 * len(panels)),
+                             squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for (acc_ax, var_ax), panel in zip(axes, panels):
+    for row, panel in zip(axes, panels):
+        acc_ax, var_ax = row[0], row[-1]
         for ax, key, ylabel in ((acc_ax, "accuracy", "validation accuracy (%)"),
-                                (var_ax, "steadiness", f"mean intra-class variance, layer {panel['layer']}")):
+                                (var_ax, "steadiness", f"mean intra-class variance, layer {panel['layer']}"))[:1 + steady]:
             for i, (label, histories) in enumerate(panel[key].items()):
                 if histories:
                     _band(ax, histories, label, colors[i % len(colors)])
@@ -98,11 +102,14 @@ def plot(path: Path, panels: list[dict]) -> Path:
             else:
                 why = "no finished runs" if key == "accuracy" else "no steadiness column in history.csv"
                 ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes)
+        if not steady:
+            continue
         values = np.concatenate([np.asarray(h, float) for hs in panel["steadiness"].values() for h in hs] or [[]])
         values = values[np.isfinite(values) & (values > 0)]
         if values.size and values.max() / values.min() > 20:  # vanilla and NSR can lie decades apart
             var_ax.set_yscale("log")
-    fig.suptitle("Validation accuracy and neuron steadiness: mean ± std over seeds")
+    fig.suptitle("Validation accuracy and neuron steadiness: mean ± std over seeds" if steady
+                 else "Validation accuracy: mean ± std over seeds")
     fig.tight_layout()
     save_png(fig, path)
     return path
