@@ -147,6 +147,25 @@ def outcome(m: dict) -> dict:
             "best_val_acc": m["best_val_acc"], "test_acc": m["test_acc"], "global_steps": m["global_steps"]}
 
 
+@contextlib.contextmanager
+def gloo_rank(rank: int, port: int, world: int = 2):
+    """Inside a spawned process: be torchrun's rank `rank` of `world` (gloo, CPU, one thread) for
+    the engine, and leave no process group behind, however the block ends."""
+    import gc
+
+    import torch
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        gc.collect()  # the trainer's DDP wrapper holds the group: free it first (as engine.main does)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 # ---------------------------------------------------------------------------------- signals at a chosen point
 
 def step_then_signal(train_step, at: int, sig: int = signal.SIGINT):

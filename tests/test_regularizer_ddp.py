@@ -97,21 +97,12 @@ def worker(rank, world, port, queue, empty_step=None):
 # an active exception", exit code -6) in about 1 run of 25; so the workers free DDP first.
 
 
-@pytest.mark.slow  # two spawned processes
-@pytest.mark.timeout(300)
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_two_gloo_ranks_match_one_process_on_the_whole_batch():
-    model = make_model()
-    reg = NeuronSteadiness(model, LAMS, num_classes=C, queue_batches=K)
-    assert reg.sync is None and not distributed()
-    expected = run_steps(model, reg, make_batches(), slice(None))
-
+def _spawn_ranks(world: int, *args) -> list:
+    """`worker` as `world` spawned gloo ranks (daemons: a hang fails on the timeout); what they put on
+    the queue, in arrival order."""
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    world = 2
-    port = free_port()
-    procs = [ctx.Process(target=worker, args=(rank, world, port, queue), daemon=True)
-             for rank in range(world)]
+    queue, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=worker, args=(rank, world, port, queue, *args), daemon=True) for rank in range(world)]
     for p in procs:
         p.start()
     try:
@@ -122,6 +113,19 @@ def test_two_gloo_ranks_match_one_process_on_the_whole_batch():
             if p.is_alive():
                 p.kill()
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return results
+
+
+@pytest.mark.slow  # two spawned processes
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_two_gloo_ranks_match_one_process_on_the_whole_batch():
+    model = make_model()
+    reg = NeuronSteadiness(model, LAMS, num_classes=C, queue_batches=K)
+    assert reg.sync is None and not distributed()
+    expected = run_steps(model, reg, make_batches(), slice(None))
+
+    results = _spawn_ranks(2)
 
     want_totals = torch.stack([e[0] for e in expected])
     assert sorted(r[0] for r in results) == [0, 1]
@@ -145,19 +149,7 @@ def test_a_rank_with_an_empty_batch_joins_the_all_reduce_and_adds_zero():
     model = make_model()
     reg = NeuronSteadiness(model, LAMS, num_classes=C, queue_batches=K)
     expected = run_steps(model, reg, make_batches(), slice(None))
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=worker, args=(rank, 2, port, queue, 2), daemon=True) for rank in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        results = dict((r[0], r[1:]) for r in [queue.get(timeout=60) for _ in range(2)])
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    results = {r[0]: r[1:] for r in _spawn_ranks(2, 2)}  # rank 1's batch is empty at step 2
     assert results[1][0][2] == 0.0
     assert results[0][0][2] == pytest.approx(expected[2][0].item(), rel=1e-10)
     for rank, (_, means) in results.items():

@@ -263,28 +263,18 @@ def test_a_resume_at_an_epochs_last_step_prints_no_scheduler_warning(tmp_path, m
 
 def _rank(rank: int, port: int, out: str, dump: str) -> None:
     """One torchrun-style rank (gloo, CPU); rank 1 alone gets SIGTERM after its 5th step."""
-    import gc
-
-    import torch.distributed as dist
-
     from nsr.train import engine
     from nsr.train.config import parse_args
     from nsr.train.errors import RunInterrupted
-    from tests.helpers import MLP4, step_then_signal
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE="2", OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
+    from tests.helpers import MLP4, gloo_rank, step_then_signal
     if rank == 1:
         engine.Trainer.train_step = step_then_signal(engine.Trainer.train_step, 5, signal.SIGTERM)
-    try:
-        engine.train(parse_args([*DIGITS, "--epochs", "2", "--out", out], default_config=MLP4))
-    except RunInterrupted as e:
-        with open(os.path.join(dump, f"rank{rank}"), "w") as f:
-            f.write(str(e))
-    finally:
-        gc.collect()  # the trainer's DDP wrapper holds the group: free it first (as engine.main does)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    with gloo_rank(rank, port):
+        try:
+            engine.train(parse_args([*DIGITS, "--epochs", "2", "--out", out], default_config=MLP4))
+        except RunInterrupted as e:
+            with open(os.path.join(dump, f"rank{rank}"), "w") as f:
+                f.write(str(e))
 
 
 @pytest.mark.slow

@@ -40,7 +40,7 @@ from nsr.train.engine import main, train
 from nsr.train.errors import UserError
 from nsr.train.fileio import write_json
 from nsr.train.outdir import LOCK_NAME, RUN_FILES, RUN_FOLDERS, OutputFolder
-from tests.helpers import ROOT, assert_one_error_line, free_port
+from tests.helpers import ROOT, assert_one_error_line, free_port, gloo_rank
 
 MLP4 = os.path.join(ROOT, "configs", "mlp4.yaml")  # fdnn_nsr.py's default config
 VANILLA_SCRIPT = os.path.join(ROOT, "fdnn_vanilla.py")
@@ -234,21 +234,12 @@ def test_two_scripts_on_one_folder_one_owner_then_sigterm_saves_it(tmp_path):
 
 def _rank(rank: int, port: int, out: str, dump: str, extra: list[str]) -> None:
     """One torchrun-style rank (gloo, CPU): train, and record a UserError's message."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE="2", OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    import gc
-
-    import torch.distributed as dist
-    try:
-        train(parse_args([*FAST, *extra, "--out", out], default_config=MLP4))
-    except UserError as e:
-        with open(os.path.join(dump, f"rank{rank}.error"), "w") as f:
-            f.write(str(e))
-    finally:
-        gc.collect()  # the trainer's DDP wrapper holds the group: free it first (as engine.main does)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    with gloo_rank(rank, port):
+        try:
+            train(parse_args([*FAST, *extra, "--out", out], default_config=MLP4))
+        except UserError as e:
+            with open(os.path.join(dump, f"rank{rank}.error"), "w") as f:
+                f.write(str(e))
 
 
 @pytest.mark.slow
