@@ -72,9 +72,8 @@ class CenterLoss(LayerRegularizer):
             raise ValueError("center-loss centres do not exist yet: run one training step first")
         return c
 
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        """The weighted center loss of the last forward pass (float32 at least); then the update."""
-        zs, y = self.take(y)
+    def regularize(self, zs: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+        """The weighted center loss (float32 at least); then the update."""
         centers = [self._centers_for(i, z) for i, z in enumerate(zs)]
         total = 0.0
         for name, z, c in zip(self.names, zs, centers):

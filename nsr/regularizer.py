@@ -91,8 +91,12 @@ class ClassMeanMemory(nn.Module):
         else:
             counted = z.new_ones(z.shape[0], 1)
         sums, counts = sums[self.ptr].zero_(), counts[self.ptr].zero_()
-        sums.index_add_(0, y, z)
-        counts.index_add_(0, y, counted)
+        try:
+            sums.index_add_(0, y, z)
+            counts.index_add_(0, y, counted)
+        except (IndexError, RuntimeError):  # a label out of range: leave the slot empty, not half-written
+            sums.zero_(), counts.zero_()
+            raise
         if sync:
             dist.all_reduce(sums)
             dist.all_reduce(counts)
@@ -209,9 +213,7 @@ class NeuronSteadiness(LayerRegularizer):
         self.memories = nn.ModuleList(ClassMeanMemory(self.num_classes, queue_batches, active_only, name)
                                       for name in self.names)
 
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        """The λ-weighted NSR term for the last forward pass, given its labels."""
-        zs, y = self.take(y)
+    def regularize(self, zs: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
         total = None
         for name, z, memory in zip(self.names, zs, self.memories):
             detached = z.detach()
