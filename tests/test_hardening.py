@@ -234,10 +234,10 @@ def test_checkpoint_holds_everything_a_resume_needs(digits_reference):
     out, metrics, _ = digits_reference
     state = load_checkpoint(os.path.join(out, "last.pt"))
     assert state["format"] == FORMAT
-    assert {"model", "optimizer", "scheduler", "nsr", "rng", "config", "position", "meter"} <= set(state)
+    assert {"model", "optimizer", "scheduler", "regularizer", "rng", "config", "position", "meter"} <= set(state)
     assert state["model"] and state["optimizer"]["param_groups"] and "last_epoch" in state["scheduler"]
     assert all(s["momentum_buffer"].abs().sum() > 0 for s in state["optimizer"]["state"].values())
-    assert any(torch.is_tensor(v) and v.abs().sum() > 0 for v in state["nsr"].values()), "NSR memory"
+    assert any(torch.is_tensor(v) and v.abs().sum() > 0 for v in state["regularizer"].values()), "NSR memory"
     assert {"torch", "numpy", "python"} <= set(state["rng"])
     assert state["position"]["epoch"] == DIGITS_EPOCHS and state["position"]["step"] == 0
     assert state["position"]["history"] == metrics["history"]

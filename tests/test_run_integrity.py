@@ -96,7 +96,7 @@ def outcome(m: dict) -> dict:
 def same_weights(a: str, b: str) -> bool:
     sa, sb = load_checkpoint(a), load_checkpoint(b)
     return all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"]) and \
-        all(torch.equal(sa["nsr"][k], sb["nsr"][k]) for k in sa["nsr"])
+        all(torch.equal(sa["regularizer"][k], sb["regularizer"][k]) for k in sa["regularizer"])
 
 
 def read(path) -> str:
@@ -632,27 +632,27 @@ CRAFTED = {  # name: (mutation, the fragment of the one error line)
     "meter-seen": (_set(["meter", "seen"], 5), "meter seen 5 is not the 448 samples of 14 steps"),
     "meter-correct": (_set(["meter", "correct"], torch.tensor(10_000)), "meter correct must be a count in 0..448"),
     "meter-losses": (_set(["meter", "losses"], lambda t: t * float("nan")), "meter losses must be 3 finite sums"),
-    "missing-part": (lambda s: s.pop("meter"), "it lacks meter"),
-    "nsr-memory-missing": (_set(["nsr"], {}), "nsr holds no regularizer state after 50 steps"),
-    "nsr-memory-shape": (lambda s: s["nsr"].update({k: torch.zeros(2, 2) for k in list(s["nsr"])[:1]}), ""),
+    "missing-part": (lambda s: s.pop("meter"), "it lacks the part 'meter'"),
+    "nsr-memory-missing": (_set(["regularizer"], {}), "regularizer holds no state after 50 steps"),
+    "nsr-memory-shape": (lambda s: s["regularizer"].update({k: torch.zeros(2, 2) for k in list(s["regularizer"])[:1]}), ""),
     # The NSR memory (mlp4.yaml: layer out, K = 5, 10 classes, 50 steps, so the pointer is back at 0):
     # the library's own load checks, surfaced as the one line.
-    "nsr-counts-int32": (_set(["nsr", "memories.0.counts"], lambda t: t.int()),
+    "nsr-counts-int32": (_set(["regularizer", "memories.0.counts"], lambda t: t.int()),
                          "NSR memory 'memories.0.' of layer 'out': saved sums and counts are torch.float32 and "
                          "torch.int32; the memory holds floating-point tensors"),
-    "nsr-sums-bool": (_set(["nsr", "memories.0.sums"], lambda t: t != 0), "saved sums and counts are torch.bool and"),
-    "nsr-sums-nan": (_set(["nsr", "memories.0.sums"], _nan_at_0), "'out': its saved sums hold NaN or infinite values"),
-    "nsr-sums-inf": (_set(["nsr", "memories.0.sums"], lambda t: t / 0), "its saved sums hold NaN or infinite values"),
-    "nsr-counts-negative": (_set(["nsr", "memories.0.counts"], lambda t: -t),
+    "nsr-sums-bool": (_set(["regularizer", "memories.0.sums"], lambda t: t != 0), "saved sums and counts are torch.bool and"),
+    "nsr-sums-nan": (_set(["regularizer", "memories.0.sums"], _nan_at_0), "'out': its saved sums hold NaN or infinite values"),
+    "nsr-sums-inf": (_set(["regularizer", "memories.0.sums"], lambda t: t / 0), "its saved sums hold NaN or infinite values"),
+    "nsr-counts-negative": (_set(["regularizer", "memories.0.counts"], lambda t: -t),
                             "'out': its saved counts must be whole numbers >= 0"),
-    "nsr-counts-fractional": (_set(["nsr", "memories.0.counts"], lambda t: t + 0.5),
+    "nsr-counts-fractional": (_set(["regularizer", "memories.0.counts"], lambda t: t + 0.5),
                               "its saved counts must be whole numbers >= 0"),
-    "nsr-counts-zeroed": (_set(["nsr", "memories.0.counts"], torch.zeros(5, 10, 1)),
+    "nsr-counts-zeroed": (_set(["regularizer", "memories.0.counts"], torch.zeros(5, 10, 1)),
                           "'out': its saved sums are not 0 where nothing was counted"),
-    "nsr-sums-and-counts-missing": (lambda s: [s["nsr"].pop(f"memories.0.{k}") for k in ("sums", "counts")],
-                                    "nsr holds no regularizer state after 50 steps (a layer's memory is missing)"),
-    "nsr-sums-missing-pointer-moved": (lambda s: [s["nsr"].pop(f"memories.0.{k}") for k in ("sums", "counts")]
-                                       + [s["nsr"].update({"memories.0._extra_state": torch.tensor(3)})],
+    "nsr-sums-and-counts-missing": (lambda s: [s["regularizer"].pop(f"memories.0.{k}") for k in ("sums", "counts")],
+                                    "regularizer holds no state after 50 steps (a layer's memory is missing)"),
+    "nsr-sums-missing-pointer-moved": (lambda s: [s["regularizer"].pop(f"memories.0.{k}") for k in ("sums", "counts")]
+                                       + [s["regularizer"].update({"memories.0._extra_state": torch.tensor(3)})],
                                        "its saved pointer is 3 but it has no sums and counts"),
 }
 
