@@ -4,7 +4,9 @@ import os
 import pytest
 import torch
 
-from tests.helpers import DIGITS, DIGITS_EPOCHS, STEPS_PER_EPOCH, run_in_process
+from nsr.train.config import parse_args
+from nsr.train.engine import train
+from tests.helpers import DIGITS, DIGITS_EPOCHS, MLP4, STEPS_PER_EPOCH, run_in_process
 
 # Small models run fastest on one thread; two OpenMP threads per process crawl when pytest and
 # its subprocesses share two cores.
@@ -25,3 +27,13 @@ def digits_reference(tmp_path_factory):
     assert metrics["finished"] and len(metrics["history"]) == DIGITS_EPOCHS
     assert metrics["global_steps"] == DIGITS_EPOCHS * STEPS_PER_EPOCH
     return out, metrics, result.out
+
+
+@pytest.fixture(scope="session")
+def mid_epoch(tmp_path_factory):
+    """A run stopped by --max-steps 50 (epoch 2, step 14): history, best epoch, momentum buffers,
+    NSR memory and the open epoch's sums all hold something. Returns (folder, metrics); tests
+    work on a copy (helpers.copy_of)."""
+    out = str(tmp_path_factory.mktemp("mid") / "run")
+    metrics = train(parse_args([*DIGITS, "--epochs", "3", "--max-steps", "50", "--out", out], default_config=MLP4))
+    return out, metrics

@@ -1,6 +1,7 @@
-"""What several test files share: paths, one free port, one script runner (in a subprocess or
-in-process), the check of the one-line error convention, folder fingerprints, and signals sent
-at a chosen point of a run.
+"""What several test files share: paths and the digits runs' arguments, one free port, the
+script runners (in a subprocess or in-process), the check of the one-line error convention,
+folder fingerprints and run results, data sets written by hand, and signals sent at a chosen
+point of a run.
 
 run_in_process goes through the entry points the commands use: a training script's file itself
 (runpy, as `python fdnn_nsr.py` runs it) or `python -m nsr <command>`'s dispatcher, each ending in
@@ -12,10 +13,14 @@ slow) proves the process's own exit code and that no traceback leaks.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import io
+import json
 import os
+import pickle
 import runpy
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,7 +28,12 @@ import sys
 import warnings
 from dataclasses import dataclass
 
+import torch
+
 from nsr.__main__ import main as nsr_main
+from nsr.train.checkpoint import load_checkpoint
+from nsr.train.datasets import IDX_FILES
+from nsr.train.engine import main as train_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MLP4 = os.path.join(ROOT, "configs", "mlp4.yaml")  # fdnn_nsr.py's and fdnn_vanilla.py's default config
@@ -33,6 +43,8 @@ TIMES = {"epoch_time_s", "train_time_s"}          # what differs between two run
 DIGITS = ["--dataset", "digits", "--batch-size", "32", "--lr", "0.05", "--momentum", "0.9", "--quiet"]
 DIGITS_EPOCHS = 4
 STEPS_PER_EPOCH = 36  # 1,437 images - 287 held out = 1,150 to train on; batch 32, the last single one dropped
+REFERENCE_ARGS = [*DIGITS, "--epochs", str(DIGITS_EPOCHS)]  # digits_reference's settings: --resume accepts them
+DIGITS_BASE = ["--dataset", "digits", "--batch-size", "32", "--quiet"]  # lr and momentum from the config
 
 
 def free_port() -> int:
@@ -100,6 +112,28 @@ def run_in_process(script: str, *args: str) -> Result:
     return Result(code, out.getvalue(), err.getvalue())
 
 
+def run_main(capsys, argv, **kwargs) -> tuple[int, str]:
+    """fdnn_nsr.py's main() in-process, configs/mlp4.yaml its defaults: (exit code, stderr)."""
+    try:
+        train_main(default_config=MLP4, argv=argv, **kwargs)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def run_vanilla_script(capsys, monkeypatch, argv) -> tuple[int, str]:
+    """fdnn_vanilla.py itself, in-process: (exit code, stderr)."""
+    script = os.path.join(ROOT, "fdnn_vanilla.py")
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    try:
+        runpy.run_path(script, run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
 def assert_one_error_line(stderr: str, *fragments: str) -> str:
     """The error convention: exactly one line on stderr, `error: ...`, holding every fragment."""
     assert "Traceback" not in stderr, stderr
@@ -129,6 +163,20 @@ def fingerprint(folder) -> dict:
     return result
 
 
+def shallow_fingerprint(folder) -> dict:
+    """Bytes and mtime of each file directly in `folder`, and the name of each folder in it (not
+    what it holds): proof that nothing was touched there and that no folder came or went."""
+    result = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                result[name] = (f.read(), os.stat(path).st_mtime_ns)
+        else:
+            result[name] = "folder"
+    return result
+
+
 def snapshot(folder) -> dict | None:
     """fingerprint() as plain JSON data (a digest of the bytes, and the mtime), None if `folder`
     does not exist: for a process to record the state it left."""
@@ -147,13 +195,55 @@ def outcome(m: dict) -> dict:
             "best_val_acc": m["best_val_acc"], "test_acc": m["test_acc"], "global_steps": m["global_steps"]}
 
 
+def full_outcome(m: dict) -> dict:
+    """What a resumed run must reproduce exactly: every key of its metrics but the timings."""
+    times = {"epoch_time_s", "train_time_s", "eval_time_s"}
+    keep = {k: v for k, v in m.items() if k not in times | {"history", "partial_epoch"}}
+    keep["history"] = [{k: v for k, v in row.items() if k not in times} for row in m["history"]]
+    return keep
+
+
+def same_weights(a: str, b: str) -> bool:
+    """The checkpoints at paths `a` and `b` hold the same model weights and regularizer state."""
+    sa, sb = load_checkpoint(a), load_checkpoint(b)
+    return all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"]) and \
+        all(torch.equal(sa["regularizer"][k], sb["regularizer"][k]) for k in sa["regularizer"])
+
+
+def read_text(path) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def strict_json(path) -> dict:
+    """A JSON file read as strict JSON: NaN and Infinity are refused."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    with open(path) as f:
+        return json.loads(f.read(), parse_constant=refuse)
+
+
+def write_file(tmp_path, name: str, text: str) -> str:
+    """tmp_path/name holding `text`; returns its path."""
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def copy_of(reference, tmp_path, name: str = "run") -> str:
+    """A copy of a session fixture's run folder (reference[0]) in tmp_path/name, for a test that
+    changes it."""
+    out = str(tmp_path / name)
+    shutil.copytree(reference[0], out)
+    return out
+
+
 @contextlib.contextmanager
 def gloo_rank(rank: int, port: int, world: int = 2):
     """Inside a spawned process: be torchrun's rank `rank` of `world` (gloo, CPU, one thread) for
     the engine, and leave no process group behind, however the block ends."""
     import gc
 
-    import torch
     import torch.distributed as dist
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
@@ -216,3 +306,76 @@ def numpy_intra(z, y) -> float:
         zc = z[y == c]
         per_neuron += len(zc) / n * ((zc - zc.mean(axis=0)) ** 2).mean(axis=0)
     return float(per_neuron.mean())
+
+
+# ---------------------------------------------------------------------------------- data sets written by hand
+
+def idx_bytes(array) -> bytes:
+    """The idx format written by hand: 0, 0, type 0x08 (ubyte), ndim, big-endian dims, data."""
+    import numpy as np
+
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_mnist_like(folder, n_train=60, n_test=20, gz=True, size=28):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        "train_images": rng.integers(0, 256, (n_train, size, size)),
+        "train_labels": np.arange(n_train) % 10,
+        "test_images": rng.integers(0, 256, (n_test, size, size)),
+        "test_labels": np.arange(n_test) % 10,
+    }
+    os.makedirs(folder, exist_ok=True)
+    for key, array in arrays.items():
+        data = idx_bytes(array)
+        path = os.path.join(folder, IDX_FILES[key] + (".gz" if gz else ""))
+        with (gzip.open(path, "wb") if gz else open(path, "wb")) as f:
+            f.write(data)
+    return arrays
+
+
+CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+
+
+def write_cifar_like(data_dir, n=10, seed=0):
+    """cifar-10-batches-py/ as the python version of CIFAR-10 has it: dicts of a uint8 'data'
+    array N x 3072 (1024 red, then green, then blue values, rows of 32) and a list of 'labels',
+    pickled with protocol 2 and numpy named as the numpy of 2009 did (numpy.core.multiarray)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(data_dir, "cifar-10-batches-py")
+    os.makedirs(folder)
+    batches = {}
+    for name in CIFAR_FILES:
+        batch = {"batch_label": name, "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 "labels": [int(v) for v in rng.integers(0, 10, n)]}
+        raw = pickle.dumps(batch, protocol=2).replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(raw)
+        batches[name] = batch
+    return folder, batches
+
+
+def save_image(path, pixels) -> None:
+    import numpy as np
+    from PIL import Image
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(pixels.astype(np.uint8)).save(path)
+
+
+def write_folder(root, train: dict, val: dict, size: int = 8, seed: int = 0) -> None:
+    """An ImageNet-style folder. train/val: class name -> number of images; random textured RGB
+    images (PNG and JPEG)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    for split, classes in (("train", train), ("val", val)):
+        for name, count in classes.items():
+            for i in range(count):
+                ext = "png" if i % 2 else "JPEG"
+                save_image(os.path.join(root, split, name, f"{i}.{ext}"), rng.integers(0, 256, (size, size, 3)))

@@ -1,4 +1,5 @@
-"""Run a training script with a signal sent to it at a chosen point (not a test; test_hardening.py starts it):
+"""Run a training script with a signal sent to it at a chosen point (not a test: test_resume.py,
+test_overwrite.py and test_tensorboard.py start it):
 
     python tests/signal_at.py SIGNAL step:N     SCRIPT ARGS...   # right after global step N
     python tests/signal_at.py SIGNAL last.pt:E  SCRIPT ARGS...   # while epoch E's last.pt is written

@@ -31,7 +31,7 @@ def test_each_option_runs_through_the_script_and_is_recorded(tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert (m["regularizer"], m["center_alpha"], m["label_smoothing"], m["dropout"]) == ("center", 0.3, 0.1, 0.2)
     assert m["lambda"] == [0.5] and m["regularized_layers"] == ["out"]
-    assert m["partial_epoch"]["nsr_loss"] > 0, "the center loss is reported in the nsr_loss column"
+    assert m["partial_epoch"]["reg_loss"] > 0, "the center loss is reported in the reg_loss column"
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert (saved["regularizer"], saved["center_alpha"], saved["label_smoothing"], saved["dropout"]) == \
         ("center", 0.3, 0.1, 0.2)
@@ -55,7 +55,7 @@ def test_explicit_nsr_defaults_train_exactly_like_the_default_run(tmp_path):
     assert without_times([default["partial_epoch"]]) == without_times([explicit["partial_epoch"]])
     a, b = (load_checkpoint(str(tmp_path / d / "last.pt")) for d in "ab")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert all(torch.equal(a["nsr"][k], b["nsr"][k]) for k in a["nsr"])
+    assert all(torch.equal(a["regularizer"][k], b["regularizer"][k]) for k in a["regularizer"])
 
 
 def test_center_loss_with_lambda_zero_trains_the_vanilla_weights(tmp_path):
@@ -64,7 +64,7 @@ def test_center_loss_with_lambda_zero_trains_the_vanilla_weights(tmp_path):
                       "--out", str(tmp_path / "c")]))
     v, c = (load_checkpoint(str(tmp_path / d / "last.pt")) for d in "vc")
     assert all(torch.equal(v["model"][k], c["model"][k]) for k in v["model"])
-    assert c["nsr"]["centers_0"].abs().sum() > 0, "the centres moved even though lambda is 0"
+    assert c["regularizer"]["centers_0"].abs().sum() > 0, "the centres moved even though lambda is 0"
 
 
 def test_one_step_losses_and_centres_match_the_formulas(tmp_path):
@@ -89,7 +89,7 @@ def test_one_step_losses_and_centres_match_the_formulas(tmp_path):
     trainer.train_step(xb, yb)
     got = trainer.meter.summary()
     assert got["ce_loss"] == pytest.approx(ce / n, rel=1e-5)
-    assert got["nsr_loss"] == pytest.approx(lam * center / n, rel=1e-5)
+    assert got["reg_loss"] == pytest.approx(lam * center / n, rel=1e-5)
     for j in range(10):
         rows = z[yb == j]
         expected = alpha * rows.sum(0) / (1 + len(rows))

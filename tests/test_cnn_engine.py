@@ -34,8 +34,8 @@ def test_cnn_script_runs_each_config_on_fake_data(tmp_path, config):
     row = m["partial_epoch"]
     assert (row["epoch"], row["step"], row["of"]) == (1, 2, 8)
     # with 1000 classes and K=1 each sample is alone in its class: its mean is itself, loss 0
-    assert (row["nsr_loss"] > 0) == (config != "resnet50_imagenet")
-    assert abs(row["train_loss"] - row["ce_loss"] - row["nsr_loss"]) < 1e-5
+    assert (row["reg_loss"] > 0) == (config != "resnet50_imagenet")
+    assert abs(row["train_loss"] - row["ce_loss"] - row["reg_loss"]) < 1e-5
     assert 0 <= row["test_acc"] <= 100 and 0 <= row["test_top5_acc"] <= 100
     assert sorted(os.listdir(out)) == ["config.yaml", "history.csv", "last.pt", "metrics.json", "tb"]
 
@@ -46,7 +46,7 @@ def test_cnn_vanilla_and_resume_match_a_straight_run(tmp_path):
     base = ["--config", os.path.join(ROOT, "configs", "resnet18_cifar10.yaml"), *SMALL,
             "--epochs", "2", "--fake-size", "10", "--queue-batches", "2"]
     straight = train(parse_args([*base, "--out", str(tmp_path / "a")]))
-    assert straight["global_steps"] == 4 and straight["history"][1]["nsr_loss"] > 0
+    assert straight["global_steps"] == 4 and straight["history"][1]["reg_loss"] > 0
     train(parse_args([*base, "--epochs", "1", "--out", str(tmp_path / "b")]))
     resumed = train(parse_args([*base, "--out", str(tmp_path / "b"), "--resume"]))
     assert without_times(resumed["history"]) == without_times(straight["history"])
@@ -55,7 +55,7 @@ def test_cnn_vanilla_and_resume_match_a_straight_run(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     # without base's --queue-batches: a vanilla run refuses an NSR flag
     vanilla = train(parse_args([*base[:-2], "--regularizer", "none", "--max-steps", "1", "--out", str(tmp_path / "v")]))
-    assert vanilla["partial_epoch"]["nsr_loss"] == 0.0 and vanilla["lambda"] == []
+    assert vanilla["partial_epoch"]["reg_loss"] == 0.0 and vanilla["lambda"] == []
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -70,4 +70,4 @@ def test_cuda_run_with_bf16_and_channels_last_resumes(tmp_path):
     assert len(resumed["history"]) == 2 and resumed["finished"]
     for got, want in zip(resumed["history"], straight["history"]):
         assert got["train_loss"] == pytest.approx(want["train_loss"], rel=2e-2)
-        assert got["nsr_loss"] > 0
+        assert got["reg_loss"] > 0

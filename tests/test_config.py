@@ -1,10 +1,13 @@
-"""YAML sets the defaults, the command line overrides them, mistakes name the fix."""
+"""YAML sets the defaults, the command line overrides them, mistakes name the fix; a run records
+only the settings it reads."""
 
 import os
 
 import pytest
+import yaml
 
 from nsr.search.trial import config_overrides
+from nsr.train.checkpoint import load_checkpoint
 from nsr.train.config import (
     SETTINGS,
     Config,
@@ -16,7 +19,7 @@ from nsr.train.config import (
     validate,
 )
 from nsr.train.errors import UserError
-from tests.helpers import ROOT
+from tests.helpers import DIGITS_BASE, ROOT, run_vanilla_script, strict_json
 
 
 def write(tmp_path, text, name="c.yaml"):
@@ -51,7 +54,7 @@ def test_command_line_overrides_yaml_which_overrides_defaults(tmp_path):
     cfg = parse_args(["--config", path, "--epochs", "3", "--lambda", "2.5"])
     assert (cfg.lr, cfg.epochs, cfg.lambda_, cfg.batch_size) == (0.5, 3, [2.5], 100)
     assert Config().lr == 0.01
-    # a vanilla run reads no NSR setting: flags for them are refused (tests/test_run_integrity.py)
+    # a vanilla run reads no NSR setting: flags for them are refused (tests/test_bad_input.py)
     with pytest.raises(UserError, match="--regularized-layers has no effect here"):
         parse_args(["--config", path, "--regularizer", "none", "--regularized-layers", "fc1", "out", "--lambda", "1", "2"])
 
@@ -167,3 +170,17 @@ def test_help_lists_every_setting_with_its_default_choices_and_condition():
     assert "(read with --regularizer nsr; default 5)" in text  # queue_batches
     assert "(read with --regularizer nsr or center; default out)" in text
     assert "continue from OUT/last.pt --overwrite" in text  # command-line only: no default shown
+
+
+def test_settings_a_run_does_not_read_are_not_recorded_as_used(tmp_path, capsys, monkeypatch):
+    """fdnn_vanilla.py on configs/mlp4.yaml (lambda, regularized_layers, queue_batches set there for the
+    NSR script): config.yaml, the checkpoint and metrics.json show none of them as used."""
+    out = tmp_path / "v"
+    assert run_vanilla_script(capsys, monkeypatch, [*DIGITS_BASE, "--max-steps", "2", "--out", str(out)])[0] == 0
+    unread = {"regularized_layers", "lambda", "queue_batches", "active_only", "per_channel", "center_alpha",
+              "milestones", "gamma", "cutout", "fake_size"}
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["regularizer"] == "none" and not unread & set(saved) and saved["lr"] == 0.01
+    assert not unread & set(load_checkpoint(str(out / "last.pt"))["config"])
+    m = strict_json(out / "metrics.json")
+    assert (m["lambda"], m["regularized_layers"], m["queue_batches"], m["center_alpha"]) == ([], [], None, None)

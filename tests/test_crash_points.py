@@ -36,7 +36,7 @@ def crash_points(root, mode: str, scenario: str) -> dict:
 
 def _weights(path) -> dict:
     state = load_checkpoint(str(path))
-    return {**state["model"], **{f"nsr.{k}": v for k, v in state["nsr"].items()}}
+    return {**state["model"], **{f"regularizer.{k}": v for k, v in state["regularizer"].items()}}
 
 
 def _history(path) -> list[dict]:

@@ -13,29 +13,7 @@ from nsr.train.config import parse_args
 from nsr.train.data import load_data
 from nsr.train.datasets import IDX_FILES, load_idx_folder, read_idx
 from nsr.train.errors import UserError
-
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    """The idx format written by hand: 0, 0, type 0x08 (ubyte), ndim, big-endian dims, data."""
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    return header + array.astype(np.uint8).tobytes()
-
-
-def write_mnist_like(folder, n_train=60, n_test=20, gz=True, size=28):
-    rng = np.random.default_rng(0)
-    arrays = {
-        "train_images": rng.integers(0, 256, (n_train, size, size)),
-        "train_labels": np.arange(n_train) % 10,
-        "test_images": rng.integers(0, 256, (n_test, size, size)),
-        "test_labels": np.arange(n_test) % 10,
-    }
-    os.makedirs(folder, exist_ok=True)
-    for key, array in arrays.items():
-        data = idx_bytes(array)
-        path = os.path.join(folder, IDX_FILES[key] + (".gz" if gz else ""))
-        with (gzip.open(path, "wb") if gz else open(path, "wb")) as f:
-            f.write(data)
-    return arrays
+from tests.helpers import idx_bytes, write_cifar_like, write_mnist_like
 
 
 @pytest.mark.parametrize("gz", [True, False])
@@ -155,27 +133,6 @@ def test_labels_outside_the_classes_and_oversized_batches_are_rejected(tmp_path)
 
 
 # ---------------------------------------------------------------------------------- CIFAR-10
-
-CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-
-
-def write_cifar_like(data_dir, n=10, seed=0):
-    """cifar-10-batches-py/ as the python version of CIFAR-10 has it: dicts of a uint8 'data'
-    array N x 3072 (1024 red, then green, then blue values, rows of 32) and a list of 'labels',
-    pickled with protocol 2 and numpy named as the numpy of 2009 did (numpy.core.multiarray)."""
-    rng = np.random.default_rng(seed)
-    folder = os.path.join(data_dir, "cifar-10-batches-py")
-    os.makedirs(folder)
-    batches = {}
-    for name in CIFAR_FILES:
-        batch = {"batch_label": name, "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                 "labels": [int(v) for v in rng.integers(0, 10, n)]}
-        raw = pickle.dumps(batch, protocol=2).replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
-        with open(os.path.join(folder, name), "wb") as f:
-            f.write(raw)
-        batches[name] = batch
-    return folder, batches
-
 
 def test_cifar10_batches_are_read_pixel_for_pixel(tmp_path):
     folder, batches = write_cifar_like(tmp_path, n=10)

@@ -9,9 +9,8 @@ import pickle
 import numpy as np
 import pytest
 
-from tests.helpers import assert_error, run_in_process
-from tests.test_data import IDX_FILES, idx_bytes, write_cifar_like, write_mnist_like
-from tests.test_imagefolder import write_folder
+from nsr.train.datasets import IDX_FILES
+from tests.helpers import assert_error, idx_bytes, run_in_process, write_cifar_like, write_folder, write_mnist_like
 
 
 def _mnist(root, n_train=50, n_test=10):

@@ -40,4 +40,4 @@ def test_one_seed_table(tmp_path, monkeypatch):
         scalars = read_scalars(tmp_path / "demo" / run / "tb")
         assert [s for s, _ in scalars["accuracy/val"]] == [36 * e for e in range(1, 61)], run
         assert {"steadiness/out", "steadiness/fc1", "steadiness/fc2"} <= set(scalars), run
-        assert ("loss/nsr" in scalars) == (run == "nsr-s0")
+        assert ("loss/reg" in scalars) == (run == "nsr-s0")

@@ -32,9 +32,9 @@ def check_every_output(out, m, nsr, epochs):
     assert m["lambda"] == ([7.4865] if nsr else [])
     assert len(m["history"]) == epochs
     for row in m["history"]:
-        assert set(row) >= {"train_loss", "ce_loss", "nsr_loss", "train_acc", "val_acc", "lr", "epoch_time_s"}
-        assert abs(row["train_loss"] - row["ce_loss"] - row["nsr_loss"]) < 1e-6
-        assert (row["nsr_loss"] > 0) == nsr
+        assert set(row) >= {"train_loss", "ce_loss", "reg_loss", "train_acc", "val_acc", "lr", "epoch_time_s"}
+        assert abs(row["train_loss"] - row["ce_loss"] - row["reg_loss"]) < 1e-6
+        assert (row["reg_loss"] > 0) == nsr
     with open(os.path.join(out, "history.csv")) as f:
         rows = list(csv.DictReader(f))
     assert [float(r["val_acc"]) for r in rows] == [r["val_acc"] for r in m["history"]]
@@ -79,7 +79,7 @@ def assert_same_state(out, reference_out):
     a = load_checkpoint(os.path.join(reference_out, "last.pt"))
     b = load_checkpoint(os.path.join(out, "last.pt"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert all(torch.equal(a["nsr"][k], b["nsr"][k]) for k in a["nsr"])
+    assert all(torch.equal(a["regularizer"][k], b["regularizer"][k]) for k in a["regularizer"])
     for key in a["optimizer"]["state"]:
         assert torch.equal(a["optimizer"]["state"][key]["momentum_buffer"],
                            b["optimizer"]["state"][key]["momentum_buffer"])
@@ -136,7 +136,7 @@ def test_vanilla_builds_no_regularizer(tmp_path, monkeypatch):
 
     monkeypatch.setattr(build, "NeuronSteadiness", forbidden)
     m = train(parse_args([*DIGITS, "--regularizer", "none", "--epochs", "1", "--out", str(tmp_path / "v")]))
-    assert m["history"][0]["nsr_loss"] == 0.0
+    assert m["history"][0]["reg_loss"] == 0.0
 
 
 def test_a_model_that_cannot_take_the_data_fails_before_training(tmp_path, monkeypatch):

@@ -7,34 +7,19 @@ from contextlib import nullcontext
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import nsr.train.batches
 from nsr.train.augment import IMAGENET_MEAN, IMAGENET_STD
 from nsr.train.config import parse_args
 from nsr.train.data import load_data
 from nsr.train.errors import UserError
+from tests.helpers import save_image, write_folder
 
 CPU = torch.device("cpu")
 
 
-def save_image(path, pixels: np.ndarray) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(pixels.astype(np.uint8)).save(path)
-
-
 def solid(value: int, size: int = 8) -> np.ndarray:
     return np.full((size, size, 3), value)
-
-
-def write_folder(root, train: dict, val: dict, size: int = 8, seed: int = 0) -> None:
-    """train/val: class name -> number of images; random textured RGB images (PNG and JPEG)."""
-    rng = np.random.default_rng(seed)
-    for split, classes in (("train", train), ("val", val)):
-        for name, count in classes.items():
-            for i in range(count):
-                ext = "png" if i % 2 else "JPEG"
-                save_image(os.path.join(root, split, name, f"{i}.{ext}"), rng.integers(0, 256, (size, size, 3)))
 
 
 def imagenet(root, *extra):

@@ -1,7 +1,9 @@
 """The run folder's states and what its files say, through the real entry points: a folder left by
 a kill or a failed write is repaired or refused by name, never mistaken for another state; a
-resumed run never says less than it trained; tools read a run's settings from its checkpoint.
-(Every file operation in turn is tested by test_crash_points.py.)
+resumed run never says less than it trained; tools read a run's settings from its checkpoint;
+results without their checkpoint are never overwritten in silence; metrics.json is strict JSON.
+(Every file operation in turn is tested by test_crash_points.py; the folder's lock by
+test_folder_lock.py; --overwrite by test_overwrite.py.)
 
 Fast: MLP-4 on scikit-learn's digits, 1-3 epochs of 36 steps.
 """
@@ -21,9 +23,25 @@ import yaml
 from nsr.experiments import report, reproduce
 from nsr.search import launcher
 from nsr.train import checkpoint
+from nsr.train.config import parse_args
+from nsr.train.engine import train
 from nsr.train.errors import UserError
+from nsr.train.fileio import write_json
 from nsr.train.outdir import RUN_FILES
-from tests.helpers import DIGITS, ROOT, assert_error, assert_one_error_line, fingerprint, outcome, run_in_process
+from tests.helpers import (
+    DIGITS,
+    MLP4,
+    ROOT,
+    assert_error,
+    assert_one_error_line,
+    copy_of,
+    fingerprint,
+    outcome,
+    run_in_process,
+    run_main,
+    shallow_fingerprint,
+    strict_json,
+)
 
 SCRIPT = "fdnn_nsr.py"
 
@@ -160,6 +178,38 @@ def test_reproduce_reads_a_runs_settings_from_its_checkpoint_not_config_yaml(tmp
     assert_error(result, f"{report.run_dir(out, 'mlp4', 'vanilla', 0)} holds a run with other settings "
                  "(epochs: 2 -> 1) (and 1 more); nothing was started")
     assert fingerprint(out) == before
+
+
+def test_results_without_their_checkpoint_are_not_overwritten_in_silence(mid_epoch, tmp_path, capsys):
+    out = copy_of(mid_epoch, tmp_path)
+    os.remove(os.path.join(out, "last.pt"))
+    before = shallow_fingerprint(out)
+    code, err = run_main(capsys, [*DIGITS, "--epochs", "3", "--out", out])
+    assert code == 2
+    assert_one_error_line(err, f"{out} holds files of an earlier run (metrics.json, history.csv, best.pt) but no last.pt "
+                   "to continue from; pass --overwrite to start again")
+    assert shallow_fingerprint(out) == before
+
+
+def test_a_run_file_that_is_a_folder_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "last.pt").mkdir(parents=True)
+    code, err = run_main(capsys, [*DIGITS, "--max-steps", "2", "--out", str(out), "--resume"])
+    assert code == 2
+    assert_one_error_line(err, f"{out / 'last.pt'} is not a regular file (a folder, a link, a pipe, ...); move it away")
+
+
+def test_metrics_json_is_strict_json_and_readers_take_its_nulls(tmp_path, capsys):
+    out = tmp_path / "run"
+    train(parse_args([*DIGITS, "--max-steps", "3", "--out", str(out)], default_config=MLP4))
+    text = (out / "metrics.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    m = strict_json(out / "metrics.json")
+    assert (m["test_acc"], m["test_error"], m["test_top5_error"], m["best_epoch"]) == (None, None, None, -1)
+    assert report.test_error(m, out) is None
+    assert "no epoch finished" in capsys.readouterr().out
+    write_json(tmp_path / "x.json", {"a": [float("nan"), {"b": float("-inf")}], "c": (1.5, float("inf"))})
+    assert strict_json(tmp_path / "x.json") == {"a": [None, {"b": None}], "c": [1.5, None]}
 
 
 # ---------------------------------------------------------------------------------- also seen

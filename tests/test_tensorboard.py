@@ -23,10 +23,10 @@ from tests.helpers import (DIGITS, DIGITS_EPOCHS, ROOT, STEPS_PER_EPOCH, fingerp
                            run_in_process, run_script, step_then_signal)
 
 REF = [*DIGITS, "--epochs", str(DIGITS_EPOCHS)]  # the reference run's settings (conftest.digits_reference)
-EPOCH_TAGS = {"epoch", "loss/train", "loss/ce", "loss/nsr", "accuracy/train", "accuracy/val",
+EPOCH_TAGS = {"epoch", "loss/train", "loss/ce", "loss/reg", "accuracy/train", "accuracy/val",
               "accuracy/test_at_best_val", "lr", "time/epoch_s", "steadiness/out", "steadiness/fc1",
               "steadiness/fc2"}
-STEP_TAGS = {"step/loss", "step/ce_loss", "step/nsr_out"}
+STEP_TAGS = {"step/loss", "step/ce_loss", "step/reg_out"}
 EPOCH_ENDS = [STEPS_PER_EPOCH * e for e in range(1, DIGITS_EPOCHS + 1)]  # 36, 72, 108, 144
 LOGGED_STEPS = [50, 100]  # every 50 steps (tblog.STEP_EVERY) of 144
 
@@ -51,7 +51,7 @@ def test_a_digits_run_logs_every_tag_at_its_steps_with_the_history_values(digits
         assert [s for s, _ in scalars[tag]] == LOGGED_STEPS, tag
     with open(os.path.join(out, "history.csv"), newline="") as f:
         rows = list(csv.DictReader(f))
-    for tag, column in (("loss/train", "train_loss"), ("loss/ce", "ce_loss"), ("loss/nsr", "nsr_loss"),
+    for tag, column in (("loss/train", "train_loss"), ("loss/ce", "ce_loss"), ("loss/reg", "reg_loss"),
                         ("accuracy/train", "train_acc"), ("accuracy/val", "val_acc"), ("lr", "lr"),
                         ("epoch", "epoch"), ("steadiness/out", "intra_var_out"),
                         ("steadiness/fc2", "intra_var_fc2")):
@@ -59,7 +59,7 @@ def test_a_digits_run_logs_every_tag_at_its_steps_with_the_history_values(digits
     # test accuracy of the best validation so far: the run's reported figure at its end
     assert scalars["accuracy/test_at_best_val"][-1][1] == pytest.approx(metrics["test_acc"], rel=1e-6)
     # each logged step: loss = cross entropy + the λ-weighted NSR term of the one layer
-    for (_, loss), (_, ce), (_, term) in zip(scalars["step/loss"], scalars["step/ce_loss"], scalars["step/nsr_out"]):
+    for (_, loss), (_, ce), (_, term) in zip(scalars["step/loss"], scalars["step/ce_loss"], scalars["step/reg_out"]):
         assert loss == pytest.approx(ce + term, rel=1e-5) and term > 0
 
 

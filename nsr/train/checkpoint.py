@@ -158,7 +158,7 @@ def training_state(run: RunParts, pos: Position, meter: EpochMeter) -> dict:
     """The checkpoint of a run at `pos`, with the open epoch's running sums."""
     return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
-            "nsr": run.reg.state_dict() if run.reg is not None else {}, "rng": rng_state(),
+            "regularizer": run.reg.state_dict() if run.reg is not None else {}, "rng": rng_state(),
             "config": run.config, "world_size": run.world,
             "position": pos.state_dict(), "meter": meter.state_dict()}
 
@@ -182,7 +182,7 @@ def restore_training_state(run: RunParts, meter: EpochMeter, path: str, state: d
             run.optimizer.step()
         run.scaler.load_state_dict(state["scaler"])
         if run.reg is not None:
-            run.reg.load_state_dict(state["nsr"])  # the library checks its own memory
+            run.reg.load_state_dict(state["regularizer"])  # the library checks its own memory
         set_rng_state(state["rng"])
         meter.load_state_dict(state["meter"])
         return pos

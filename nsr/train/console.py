@@ -16,7 +16,7 @@ def progress(show: bool, total: int, epoch: int, epochs: int, start: int):
 
 def epoch_line(row: dict, epochs: int) -> str:
     return (f"epoch {row['epoch']}/{epochs}  loss {row['train_loss']:.4f} (ce {row['ce_loss']:.4f}, "
-            f"nsr {row['nsr_loss']:.4f})  train {row['train_acc']:.2f}%  val {row['val_acc']:.2f}%  "
+            f"reg {row['reg_loss']:.4f})  train {row['train_acc']:.2f}%  val {row['val_acc']:.2f}%  "
             f"{row['epoch_time_s']:.1f}s")
 
 

@@ -136,13 +136,13 @@ class Trainer:
             logits = self.net(xb)
             ce = (F.cross_entropy(logits, yb, label_smoothing=self.cfg.label_smoothing)
                   if self.cfg.label_smoothing else F.cross_entropy(logits, yb))
-            nsr = self.reg(yb) if self.reg is not None else None
-            loss = ce + nsr if nsr is not None else ce
+            reg_loss = self.reg(yb) if self.reg is not None else None
+            loss = ce + reg_loss if reg_loss is not None else ce
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.meter.update(loss, ce, nsr, logits, yb)
+        self.meter.update(loss, ce, reg_loss, logits, yb)
 
     def train_epoch(self, stop: StopRequest | None = None, bar=None) -> str | None:
         """Train from pos.step to the end of the epoch: None there, else why it stopped inside it

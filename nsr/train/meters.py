@@ -18,20 +18,20 @@ class EpochMeter:
 
     def __init__(self, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
-        self._no_nsr = torch.zeros((), device=self.device)  # vanilla runs: allocated once
+        self._no_reg = torch.zeros((), device=self.device)  # vanilla runs: allocated once
         self.reset()
 
     def reset(self) -> None:
-        self.losses = torch.zeros(3, dtype=torch.float64, device=self.device)  # (loss, ce, nsr) x n
+        self.losses = torch.zeros(3, dtype=torch.float64, device=self.device)  # (loss, ce, reg) x n
         self.correct = torch.zeros((), dtype=torch.int64, device=self.device)
         self.seen = 0
 
     @torch.no_grad()
-    def update(self, loss: torch.Tensor, ce: torch.Tensor, nsr: torch.Tensor | None,
+    def update(self, loss: torch.Tensor, ce: torch.Tensor, reg: torch.Tensor | None,
                logits: torch.Tensor, labels: torch.Tensor) -> None:
         n = labels.shape[0]
-        nsr = nsr if nsr is not None else self._no_nsr
-        self.last = torch.stack((loss, ce, nsr))  # the step's own losses, for the per-step log
+        reg = reg if reg is not None else self._no_reg
+        self.last = torch.stack((loss, ce, reg))  # the step's own losses, for the per-step log
         self.losses.add_(self.last, alpha=n)
         self.correct += (logits.argmax(1) == labels).sum()
         self.seen += n
@@ -43,8 +43,8 @@ class EpochMeter:
     def summary(self) -> dict:
         """Mean losses and training accuracy (percent) over the samples seen so far."""
         count = max(self.seen, 1)
-        loss, ce, nsr = self.losses.tolist()
-        return {"train_loss": loss / count, "ce_loss": ce / count, "nsr_loss": nsr / count,
+        loss, ce, reg = self.losses.tolist()
+        return {"train_loss": loss / count, "ce_loss": ce / count, "reg_loss": reg / count,
                 "train_acc": 100.0 * int(self.correct) / count}
 
     def state_dict(self) -> dict:

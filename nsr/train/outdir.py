@@ -54,7 +54,7 @@ from .fileio import read_json, remove_stale_temporaries, write_atomic, write_jso
 RUN_FILES = ("config.yaml", "metrics.json", "history.csv", "last.pt", "best.pt")
 RUN_FOLDERS = ("tb",)  # set aside and put back with the files: a run's curves go with the run
 LOCK_NAME = ".nsr.lock"
-HISTORY_KEYS = ["epoch", "train_loss", "ce_loss", "nsr_loss", "train_acc", "val_acc", "val_top5_acc",
+HISTORY_KEYS = ["epoch", "train_loss", "ce_loss", "reg_loss", "train_acc", "val_acc", "val_top5_acc",
                 "lr", "epoch_time_s"]
 # The folder's transitions, named by one subfolder each (see above).
 SETTING_ASIDE, PREVIOUS, RESTORING = ".setting-aside-", ".previous-", ".restoring-"

@@ -20,7 +20,7 @@ from .config import Config
 from .errors import UserError
 from .meters import Position
 
-PARTS = ("model", "optimizer", "scheduler", "scaler", "nsr", "rng", "position", "meter")
+PARTS = ("model", "optimizer", "scheduler", "scaler", "regularizer", "rng", "position", "meter")
 
 
 @dataclasses.dataclass
@@ -44,7 +44,7 @@ def check_training_state(run: RunParts, path: str, state: dict) -> tuple[Positio
     Returns the position and the scheduler state to load (the schedule rebuilt for this run)."""
     missing = [p for p in PARTS if p not in state]
     if missing:
-        raise ValueError(f"it lacks {', '.join(missing)}")
+        raise ValueError(f"it lacks the part{'s' * (len(missing) > 1)} {', '.join(map(repr, missing))}")
     check_tensors(state["model"], run.model.state_dict(), "model")
     check_position_fields(state["position"])
     pos = Position.from_state(state["position"])
@@ -52,10 +52,10 @@ def check_training_state(run: RunParts, path: str, state: dict) -> tuple[Positio
     check_meter(state["meter"], pos.step, run.cfg.batch_size, run.samples_per_epoch)
     check_optimizer(state["optimizer"], run.optimizer, pos.global_step)
     check_scaler(state["scaler"], run.scaler.state_dict())
-    if not isinstance(state["nsr"], dict):
-        raise ValueError("nsr must be a mapping of the regularizer's state")
+    if not isinstance(state["regularizer"], dict):
+        raise ValueError("regularizer must be a mapping (the regularizer's state_dict)")
     if run.reg is not None:
-        check_regularizer(run.reg, state["nsr"], pos.global_step)
+        check_regularizer(run.reg, state["regularizer"], pos.global_step)
     check_rng(state["rng"])
     last_epoch = state["scheduler"].get("last_epoch") if isinstance(state["scheduler"], dict) else None
     if last_epoch != pos.epoch or not is_int(last_epoch):
@@ -69,11 +69,11 @@ def check_regularizer(reg: nn.Module, saved: dict, steps: int) -> None:
     run on a copy so that nothing changes yet; after training steps the state must exist (the
     regularizer makes it at its first step)."""
     if steps > 0 and not saved:
-        raise ValueError(f"nsr holds no regularizer state after {steps} steps")
+        raise ValueError(f"regularizer holds no state after {steps} steps")
     probe = copy.deepcopy(reg)  # a copy of a regularizer has its state and no hooks on the model
     probe.load_state_dict(saved)
     if steps > 0 and not probe.started:
-        raise ValueError(f"nsr holds no regularizer state after {steps} steps (a layer's memory is missing)")
+        raise ValueError(f"regularizer holds no state after {steps} steps (a layer's memory is missing)")
 
 
 def check_tensors(saved, live: dict, what: str) -> None:

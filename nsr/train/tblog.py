@@ -106,14 +106,14 @@ class TensorBoardLog:
 
     def step(self, global_step: int, losses, reg) -> None:
         """Every STEP_EVERY steps: the step's loss, cross entropy and each regularized layer's
-        λ-weighted term. `losses`: the step's (loss, ce, nsr) tensor; `reg`: the regularizer or None."""
+        λ-weighted term. `losses`: the step's (loss, ce, reg) tensor; `reg`: the regularizer or None."""
         if self.writer is None or global_step % STEP_EVERY:
             return
         loss, ce, _ = losses.tolist()
         scalars = {"step/loss": loss, "step/ce_loss": ce}
         if reg is not None:
             lambdas = reg.lambdas
-            scalars.update({f"step/nsr_{name}": lambdas[name] * float(term) for name, term in reg.last.items()})
+            scalars.update({f"step/reg_{name}": lambdas[name] * float(term) for name, term in reg.last.items()})
         self._scalars(scalars, global_step)
 
     def epoch(self, global_step: int, row: dict, test_acc: float | None, regularized: bool) -> None:
@@ -124,7 +124,7 @@ class TensorBoardLog:
                    "accuracy/train": row["train_acc"], "accuracy/val": row["val_acc"],
                    "lr": row["lr"], "time/epoch_s": row["epoch_time_s"]}
         if regularized:
-            scalars["loss/nsr"] = row["nsr_loss"]
+            scalars["loss/reg"] = row["reg_loss"]
         if test_acc is not None:  # the protocol's test figure: the model of the best validation so far
             scalars["accuracy/test_at_best_val"] = test_acc
         for key, value in row.items():
