@@ -153,27 +153,16 @@ def assert_error(result: Result, *fragments: str) -> str:
 # ---------------------------------------------------------------------------------- files and results
 
 def fingerprint(folder) -> dict:
-    """Bytes and mtime of every file under `folder`: proof that nothing was touched."""
+    """Bytes and mtime of every file under `folder`, and the name of every folder in it: proof
+    that nothing was touched and that no file or folder came or went."""
     result = {}
-    for parent, _, files in os.walk(folder):
+    for parent, folders, files in os.walk(folder):
+        for name in folders:
+            result[os.path.relpath(os.path.join(parent, name), folder)] = "folder"
         for name in files:
             path = os.path.join(parent, name)
             with open(path, "rb") as f:
                 result[os.path.relpath(path, folder)] = (f.read(), os.stat(path).st_mtime_ns)
-    return result
-
-
-def shallow_fingerprint(folder) -> dict:
-    """Bytes and mtime of each file directly in `folder`, and the name of each folder in it (not
-    what it holds): proof that nothing was touched there and that no folder came or went."""
-    result = {}
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            with open(path, "rb") as f:
-                result[name] = (f.read(), os.stat(path).st_mtime_ns)
-        else:
-            result[name] = "folder"
     return result
 
 
@@ -190,12 +179,6 @@ def without_times(history: list[dict]) -> list[dict]:
 
 
 def outcome(m: dict) -> dict:
-    """What a resumed run must reproduce exactly: its history without timings, best epoch, accuracies."""
-    return {"history": without_times(m["history"]), "best_epoch": m["best_epoch"],
-            "best_val_acc": m["best_val_acc"], "test_acc": m["test_acc"], "global_steps": m["global_steps"]}
-
-
-def full_outcome(m: dict) -> dict:
     """What a resumed run must reproduce exactly: every key of its metrics but the timings."""
     times = {"epoch_time_s", "train_time_s", "eval_time_s"}
     keep = {k: v for k, v in m.items() if k not in times | {"history", "partial_epoch"}}

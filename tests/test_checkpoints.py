@@ -31,7 +31,6 @@ from tests.helpers import (
     fingerprint,
     run_in_process,
     run_main,
-    shallow_fingerprint,
 )
 
 
@@ -93,12 +92,12 @@ def test_a_file_that_is_not_a_checkpoint_is_one_line(mid_epoch, tmp_path, capsys
     else:
         with open(last, "wb") as f:
             f.write(NOT_CHECKPOINTS[kind])
-    before, files_before = shallow_fingerprint(out), fingerprint(out)
+    before, files_before = fingerprint(out), fingerprint(out)
     code, err = run_main(capsys, [*DIGITS, "--epochs", "3", "--out", out, "--resume"])
     assert code == 2
     assert_one_error_line(err, f"checkpoint {last} is truncated or not a PyTorch checkpoint (",
                    "); delete it or restore it from a backup")
-    assert shallow_fingerprint(out) == before
+    assert fingerprint(out) == before
     assert fingerprint(out) == files_before, "tb/'s event files too"
 
 
@@ -193,11 +192,11 @@ def test_checkpoint_contents_are_checked_before_anything_is_used(mid_epoch, tmp_
     mutate, fragment = CRAFTED[case]
     mutate(state)
     torch.save(state, last)
-    before = shallow_fingerprint(out)
+    before = fingerprint(out)
     code, err = run_main(capsys, [*DIGITS, "--epochs", "3", "--out", out, "--resume"])
     assert code == 2
     assert_one_error_line(err, f"checkpoint {last} does not fit this run (", fragment)
-    assert shallow_fingerprint(out) == before
+    assert fingerprint(out) == before
 
 
 ADAM = [*DIGITS_BASE, "--optimizer", "adam", "--lr", "0.001"]

@@ -23,7 +23,7 @@ from tests.helpers import (
     MLP4,
     assert_error,
     assert_one_error_line,
-    full_outcome,
+    outcome,
     run_in_process,
     run_main,
     same_weights,
@@ -106,7 +106,7 @@ def test_a_failed_write_is_one_line_and_the_run_resumes_from_the_intact_checkpoi
     assert not [n for n in os.listdir(out) if ".tmp." in n], "no temporary is left"
     assert load_checkpoint(os.path.join(out, "last.pt"))["position"]["epoch"] == kept_epoch
     resumed = train(parse_args([*DIGITS, "--epochs", "3", "--out", out, "--resume"], default_config=MLP4))
-    assert full_outcome(resumed) == full_outcome(straight)
+    assert outcome(resumed) == outcome(straight)
     assert same_weights(str(tmp_path / "a" / "last.pt"), os.path.join(out, "last.pt"))
 
 

@@ -32,13 +32,13 @@ from tests.helpers import (
     MLP4,
     ROOT,
     assert_one_error_line,
+    fingerprint,
     free_port,
-    full_outcome,
     gloo_rank,
+    outcome,
     read_text,
     run_main,
     same_weights,
-    shallow_fingerprint,
     strict_json,
 )
 
@@ -67,7 +67,7 @@ def test_a_second_run_on_a_folder_in_use_is_refused_naming_the_holder(tmp_path, 
     assert sorted(os.listdir(out)) == sorted([*RUN_FILES, "tb"]), "released (and removed) at the end"
     assert yaml.safe_load(read_text(os.path.join(out, "config.yaml")))["lr"] == 0.05, "config.yaml is the owner's"
     assert load_checkpoint(os.path.join(out, "last.pt"))["config"]["lr"] == 0.05
-    assert full_outcome(strict_json(os.path.join(out, "metrics.json"))) == full_outcome(reference)
+    assert outcome(strict_json(os.path.join(out, "metrics.json"))) == outcome(reference)
     assert same_weights(os.path.join(out, "last.pt"), os.path.join(alone, "last.pt"))
 
 
@@ -77,7 +77,7 @@ def test_what_a_killed_run_left_is_repaired_under_the_lock_not_by_pid(tmp_path, 
     the free lock proves its writer gone."""
     out = str(tmp_path / "run")
     train(parse_args([*DIGITS, "--epochs", "1", "--out", out], default_config=MLP4))
-    before = shallow_fingerprint(out)
+    before = fingerprint(out)
     os.makedirs(os.path.join(out, ".previous-1"))
     for name in (*RUN_FILES, *RUN_FOLDERS):  # what --overwrite sets aside
         os.replace(os.path.join(out, name), os.path.join(out, ".previous-1", name))
@@ -90,7 +90,7 @@ def test_what_a_killed_run_left_is_repaired_under_the_lock_not_by_pid(tmp_path, 
     assert len(lines) == 2 and lines[0].startswith(f"warning: restored the run in {out}"), err
     assert lines[1] == f"error: {out} already holds a finished run; pass --overwrite to replace it, " \
                        "or choose another --out"
-    assert shallow_fingerprint(out) == before, "the run is back, byte for byte, and no lock file is left"
+    assert fingerprint(out) == before, "the run is back, byte for byte, and no lock file is left"
 
 
 def test_only_the_projects_own_temporaries_are_removed(tmp_path, capsys):
@@ -192,12 +192,12 @@ def test_torchrun_ranks_follow_rank_0s_lock_and_a_resume_keeps_the_process_count
     mp.spawn(_rank, args=(free_port(), out, dump, ["--max-steps", "2"]), nprocs=2, join=True)
     assert strict_json(os.path.join(out, "metrics.json"))["world_size"] == 2
     assert LOCK_NAME not in os.listdir(out)
-    before = shallow_fingerprint(out)
+    before = fingerprint(out)
     code, err = run_main(capsys, [*DIGITS, "--max-steps", "4", "--out", out, "--resume"])
     assert code == 2
     assert_one_error_line(err, f"cannot resume {out}/last.pt: it was trained by 2 processes (torchrun) and this run "
                    "has 1 process; resume it with the same count (torchrun --nproc_per_node=2 SCRIPT ... --resume)")
-    assert shallow_fingerprint(out) == before
+    assert fingerprint(out) == before
 
     single = str(tmp_path / "single")
     train(parse_args([*DIGITS, "--max-steps", "2", "--out", single], default_config=MLP4))

@@ -31,13 +31,11 @@ from tests.helpers import (
     assert_one_error_line,
     copy_of,
     fingerprint,
-    full_outcome,
     outcome,
     run_in_process,
     run_main,
     run_script,
     same_weights,
-    shallow_fingerprint,
     step_then_signal,
     strict_json,
 )
@@ -130,7 +128,7 @@ def test_sigterm_saves_the_position_and_resume_is_a_straight_run(tmp_path, capsy
     assert (m["finished"], m["stopped_by"]) == (False, "SIGTERM")
     monkeypatch.setattr(engine.Trainer, "train_step", plain_step)
     resumed = train(parse_args([*DIGITS, "--epochs", "3", "--out", out, "--resume"], default_config=MLP4))
-    assert full_outcome(resumed) == full_outcome(straight)
+    assert outcome(resumed) == outcome(straight)
     assert same_weights(str(tmp_path / "a" / "last.pt"), os.path.join(out, "last.pt"))
 
 
@@ -165,18 +163,18 @@ def test_a_max_steps_stop_is_not_finished_and_a_plain_rerun_points_to_resume(tmp
     assert (first["finished"], first["stopped_by"], first["global_steps"]) == (False, "max_steps", steps)
     assert (first["partial_epoch"] is None) == (steps == STEPS_PER_EPOCH)
     capsys.readouterr()
-    before = shallow_fingerprint(out)
+    before = fingerprint(out)
     code, err = run_main(capsys, [*DIGITS, "--epochs", "3", "--out", out])
     assert code == 2
     line = assert_one_error_line(err, f"{out} holds a run stopped by --max-steps after {steps} steps; continue it with "
                           "--resume (and a larger --max-steps, or none)")
     assert "--overwrite" not in line
-    assert shallow_fingerprint(out) == before
+    assert fingerprint(out) == before
     # the same stop resumed: nothing to train, the same report, from the checkpoint
     again = train(parse_args([*DIGITS, "--epochs", "3", "--max-steps", str(steps), "--out", out, "--resume"],
                              default_config=MLP4))
-    assert full_outcome(again) == full_outcome(first) and again["partial_epoch"] == first["partial_epoch"]
-    assert shallow_fingerprint(out)["last.pt"] == before["last.pt"], "nothing trained, nothing saved again"
+    assert outcome(again) == outcome(first) and again["partial_epoch"] == first["partial_epoch"]
+    assert fingerprint(out)["last.pt"] == before["last.pt"], "nothing trained, nothing saved again"
     assert "continue with --resume" in capsys.readouterr().out
 
 
@@ -193,18 +191,18 @@ def test_resume_to_more_epochs_is_a_straight_run_or_refused_with_the_reason(tmp_
     args = [*DIGITS, *SCHEDULES[schedule]]
     straight = train(parse_args([*args, "--epochs", "4", "--out", str(tmp_path / "a")], default_config=MLP4))
     train(parse_args([*args, "--epochs", "2", "--out", str(tmp_path / "b")], default_config=MLP4))
-    before = shallow_fingerprint(tmp_path / "b")
+    before = fingerprint(tmp_path / "b")
     code, err = run_main(capsys, [*args, "--epochs", "4", "--out", str(tmp_path / "b"), "--resume"])
     if schedule == "cosine":
         assert code == 2
         assert_one_error_line(err, f"cannot resume {tmp_path / 'b' / 'last.pt'} with --epochs 4: its cosine schedule "
                        "follows the run's length, and the saved run (--epochs 2) trained epoch 2 at lr 0.025 where "
                        "a 4-epoch run uses 0.0426777; resume with --epochs 2, or train 4 epochs from the start")
-        assert shallow_fingerprint(tmp_path / "b") == before
+        assert fingerprint(tmp_path / "b") == before
         return
     assert code == 0, err
     resumed = strict_json(tmp_path / "b" / "metrics.json")
-    assert full_outcome(resumed) == full_outcome(straight)
+    assert outcome(resumed) == outcome(straight)
     assert [r["lr"] for r in resumed["history"]] == ([0.05] * 4 if schedule == "none" else
                                                      [0.05, 0.025, 0.025, 0.0125])
     assert same_weights(str(tmp_path / "a" / "last.pt"), str(tmp_path / "b" / "last.pt"))
@@ -221,7 +219,7 @@ def test_cosine_stopped_inside_its_first_epoch_may_grow(tmp_path):
                      default_config=MLP4))
     resumed = train(parse_args([*args, "--epochs", "3", "--out", str(tmp_path / "b"), "--resume"],
                                default_config=MLP4))
-    assert full_outcome(resumed) == full_outcome(straight)
+    assert outcome(resumed) == outcome(straight)
     assert same_weights(str(tmp_path / "a" / "last.pt"), str(tmp_path / "b" / "last.pt"))
 
 
@@ -245,11 +243,11 @@ def test_resume_with_another_process_count_is_refused(mid_epoch, tmp_path, capsy
         load_resumable(last, config, world=2)
     state["world_size"] = 2
     torch.save(state, last)
-    before = shallow_fingerprint(out)
+    before = fingerprint(out)
     code, err = run_main(capsys, [*DIGITS, "--epochs", "3", "--out", out, "--resume"])
     assert code == 2
     assert_one_error_line(err, "it was trained by 2 processes (torchrun) and this run has 1 process")
-    assert shallow_fingerprint(out) == before
+    assert fingerprint(out) == before
 
 
 # ---------------------------------------------------------------------------------- finished or absent

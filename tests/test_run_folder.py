@@ -39,7 +39,6 @@ from tests.helpers import (
     outcome,
     run_in_process,
     run_main,
-    shallow_fingerprint,
     strict_json,
 )
 
@@ -183,12 +182,12 @@ def test_reproduce_reads_a_runs_settings_from_its_checkpoint_not_config_yaml(tmp
 def test_results_without_their_checkpoint_are_not_overwritten_in_silence(mid_epoch, tmp_path, capsys):
     out = copy_of(mid_epoch, tmp_path)
     os.remove(os.path.join(out, "last.pt"))
-    before = shallow_fingerprint(out)
+    before = fingerprint(out)
     code, err = run_main(capsys, [*DIGITS, "--epochs", "3", "--out", out])
     assert code == 2
     assert_one_error_line(err, f"{out} holds files of an earlier run (metrics.json, history.csv, best.pt) but no last.pt "
                    "to continue from; pass --overwrite to start again")
-    assert shallow_fingerprint(out) == before
+    assert fingerprint(out) == before
 
 
 def test_a_run_file_that_is_a_folder_is_refused(tmp_path, capsys):
