@@ -362,3 +362,10 @@ def write_folder(root, train: dict, val: dict, size: int = 8, seed: int = 0) -> 
             for i in range(count):
                 ext = "png" if i % 2 else "JPEG"
                 save_image(os.path.join(root, split, name, f"{i}.{ext}"), rng.integers(0, 256, (size, size, 3)))
+
+
+def nan_first(t: torch.Tensor) -> torch.Tensor:
+    """A copy of `t` with its first entry NaN (a damaged tensor for load checks)."""
+    t = t.clone()
+    t.view(-1)[0] = float("nan")
+    return t

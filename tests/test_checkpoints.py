@@ -29,6 +29,7 @@ from tests.helpers import (
     assert_one_error_line,
     copy_of,
     fingerprint,
+    nan_first,
     run_in_process,
     run_main,
 )
@@ -123,19 +124,14 @@ def _set(path, value):
     return apply
 
 
-def _nan_at_0(t):
-    t = t.clone()
-    t.view(-1)[0] = float("nan")
-    return t
-
 
 CRAFTED = {  # name: (mutation, the fragment of the one error line)
     "model-dtype": (_set(["model", "fc1.weight"], lambda t: t.double()), "dtype mismatch for fc1.weight"),
-    "model-nan": (_set(["model", "fc1.weight"], _nan_at_0), "model: fc1.weight holds NaN or infinite values"),
+    "model-nan": (_set(["model", "fc1.weight"], nan_first), "model: fc1.weight holds NaN or infinite values"),
     "model-extra-tensor": (_set(["model", "extra.weight"], torch.zeros(1)), "model has 'extra.weight'"),
     "optimizer-buffer-shape": (_set(["optimizer", "state", 0, "momentum_buffer"], torch.zeros(3)),
                                "size mismatch for momentum_buffer of parameter 0"),
-    "optimizer-buffer-nan": (_set(["optimizer", "state", 1, "momentum_buffer"], _nan_at_0),
+    "optimizer-buffer-nan": (_set(["optimizer", "state", 1, "momentum_buffer"], nan_first),
                              "momentum_buffer of parameter 1 holds NaN"),
     "optimizer-index": (_set(["optimizer", "state", 99], {"momentum_buffer": torch.zeros(1)}),
                         "optimizer state for parameter 99, of 6"),
@@ -166,7 +162,7 @@ CRAFTED = {  # name: (mutation, the fragment of the one error line)
                          "NSR memory 'memories.0.' of layer 'out': saved sums and counts are torch.float32 and "
                          "torch.int32; the memory holds floating-point tensors"),
     "nsr-sums-bool": (_set(["regularizer", "memories.0.sums"], lambda t: t != 0), "saved sums and counts are torch.bool and"),
-    "nsr-sums-nan": (_set(["regularizer", "memories.0.sums"], _nan_at_0), "'out': its saved sums hold NaN or infinite values"),
+    "nsr-sums-nan": (_set(["regularizer", "memories.0.sums"], nan_first), "'out': its saved sums hold NaN or infinite values"),
     "nsr-sums-inf": (_set(["regularizer", "memories.0.sums"], lambda t: t / 0), "its saved sums hold NaN or infinite values"),
     "nsr-counts-negative": (_set(["regularizer", "memories.0.counts"], lambda t: -t),
                             "'out': its saved counts must be whole numbers >= 0"),

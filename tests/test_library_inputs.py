@@ -14,7 +14,7 @@ import torch
 
 from models.mlp import MLP
 from nsr import CenterLoss, ClassMeanMemory, NeuronSteadiness
-from tests.helpers import ROOT
+from tests.helpers import ROOT, nan_first
 
 BOTH = [pytest.param(NeuronSteadiness, "NSR", id="NSR"), pytest.param(CenterLoss, "center-loss", id="center")]
 
@@ -166,21 +166,16 @@ def _with(key, value):
     return mutate
 
 
-def _nan_first(t):
-    t = t.clone()
-    t.view(-1)[0] = float("nan")
-    return t
-
 
 DAMAGED = {
     "counts-int32": (_with("memories.0.counts", lambda t: t.int()),
                      r"saved sums and counts are torch.float64 and torch.int32; the memory holds floating-point"),
     "sums-bool": (_with("memories.0.sums", lambda t: t != 0), r"saved sums and counts are torch.bool and torch.float64"),
-    "sums-nan": (_with("memories.0.sums", _nan_first), r"its saved sums hold NaN or infinite values$"),
+    "sums-nan": (_with("memories.0.sums", nan_first), r"its saved sums hold NaN or infinite values$"),
     "sums-inf": (_with("memories.0.sums", lambda t: t / 0), r"its saved sums hold NaN or infinite values$"),
     "counts-negative": (_with("memories.0.counts", lambda t: -t), r"its saved counts must be whole numbers >= 0$"),
     "counts-fractional": (_with("memories.0.counts", lambda t: t + 0.5), r"its saved counts must be whole numbers >= 0$"),
-    "counts-nan": (_with("memories.0.counts", _nan_first), r"its saved counts must be whole numbers >= 0$"),
+    "counts-nan": (_with("memories.0.counts", nan_first), r"its saved counts must be whole numbers >= 0$"),
     "sums-without-counts": (_with("memories.0.counts", lambda t: t * 0), r"its saved sums are not 0 where nothing was"),
     "pointer-without-memory": (lambda s: (s.pop("memories.0.sums"), s.pop("memories.0.counts")),
                                r"its saved pointer is 2 but it has no sums and counts; a memory saved after a step"),
