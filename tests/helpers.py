@@ -171,7 +171,8 @@ def snapshot(folder) -> dict | None:
     does not exist: for a process to record the state it left."""
     if not os.path.isdir(folder):
         return None
-    return {name: [hashlib.sha256(data).hexdigest(), mtime] for name, (data, mtime) in fingerprint(folder).items()}
+    return {name: value if value == "folder" else [hashlib.sha256(value[0]).hexdigest(), value[1]]
+            for name, value in fingerprint(folder).items()}
 
 
 def without_times(history: list[dict]) -> list[dict]:
