@@ -34,7 +34,8 @@ from torch import nn
 from nsr.train.batches import TensorBatches
 from nsr.train.build import build_checked_model, setup_runtime
 from nsr.train.checkpoint import load_checkpoint
-from nsr.train.config import Config, apply_overrides, from_dict, load_yaml, validate
+from nsr.train.config import Config, apply_overrides, from_dict, validate
+from nsr.train.yamlfile import load_yaml
 from nsr.train.data import load_data
 from nsr.train.engine import train
 from nsr.train.errors import ArgumentParser, UserError, one_line, run_cli

@@ -11,7 +11,7 @@ import shlex
 from pathlib import Path
 
 from nsr.train.config import parse_args as parse_training_args
-from nsr.train.config import safe_load_unique
+from nsr.train.yamlfile import safe_load_unique
 from nsr.train.errors import UserError, one_line
 
 from . import workarounds as nw
