@@ -104,6 +104,7 @@ def test_tuning_choice_table_and_sweep(tmp_path, fake_training, capsys):
     assert rows["Label smoothing"][0] == "0.03" and rows["Vanilla"][5] == "1.0"
 
     sweep = json.loads((out / "sweep" / "sensitivity.json").read_text())
+    assert sweep["dataset"] == "digits"  # the plot's title names it (it once said Fashion-MNIST always)
     points = {(p["axis"], p["lambda"], p["queue_batches"]): p for p in sweep["points"]}
     assert len(points) == 7 + 3
     # λ=1 is the chosen one: its three seeds are the final NSR runs, not retrained

@@ -208,7 +208,7 @@ def sweep(args, chosen: dict) -> tuple[str, list[str]]:
         rows.append({"axis": axis, "lambda": lam, "queue_batches": k, "n": len(errs),
                      "test_error_mean": mean, "test_error_std": std})
     base = stats.mean_std(vanilla) if vanilla else (math.nan, math.nan)
-    data = {"seeds": list(seeds), "chosen_lambda": best, "vanilla": {"n": len(vanilla), "mean": base[0], "std": base[1]},
+    data = {"dataset": args.dataset, "seeds": list(seeds), "chosen_lambda": best, "vanilla": {"n": len(vanilla), "mean": base[0], "std": base[1]},
             "points": rows}
     write_json(args.out / "sweep" / "sensitivity.json", data)
     plot_sensitivity(args.out / "sweep" / "sensitivity.png", data)
@@ -236,7 +236,7 @@ def plot_sensitivity(path: Path, data: dict) -> None:
             ax.axhline(van["mean"], color="gray", linestyle="--", label=f"vanilla (n={van['n']})")
             if van["std"] is not None:
                 ax.axhspan(van["mean"] - van["std"], van["mean"] + van["std"], color="gray", alpha=0.15)
-        ax.set(xscale="log", xlabel=xlabel, ylabel="test error (%)", title="MLP-4, Fashion-MNIST")
+        ax.set(xscale="log", xlabel=xlabel, ylabel="test error (%)", title=f"MLP-4, {data['dataset']}")
         if axis == "queue":
             ax.set_xticks(x, [str(v) for v in x])
         ax.grid(alpha=0.3)
