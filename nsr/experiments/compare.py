@@ -208,8 +208,8 @@ def sweep(args, chosen: dict) -> tuple[str, list[str]]:
         rows.append({"axis": axis, "lambda": lam, "queue_batches": k, "n": len(errs),
                      "test_error_mean": mean, "test_error_std": std})
     base = stats.mean_std(vanilla) if vanilla else (math.nan, math.nan)
-    data = {"dataset": args.dataset, "seeds": list(seeds), "chosen_lambda": best, "vanilla": {"n": len(vanilla), "mean": base[0], "std": base[1]},
-            "points": rows}
+    data = {"dataset": args.dataset, "seeds": list(seeds), "chosen_lambda": best,
+            "vanilla": {"n": len(vanilla), "mean": base[0], "std": base[1]}, "points": rows}
     write_json(args.out / "sweep" / "sensitivity.json", data)
     plot_sensitivity(args.out / "sweep" / "sensitivity.png", data)
     table = [["axis", "λ", "K", "test error % (MLP-4)", "seeds"]]
